@@ -1,0 +1,84 @@
+"""Engine configuration: one frozen schema, validated once, passed down explicitly.
+
+Every field carries its help text in ``metadata`` so that the CLI flags, ``FDPD_*`` environment
+variables and YAML files are all generated from this one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+# Names only: this module is imported by torch-free processes (the router).
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names the field and the limit."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Arguments of one engine (the core shared by the prefill, decode and mixed roles)."""
+
+    model: str = _opt("tiny", "Model: 'tiny' (built in) or a local Hugging Face directory.")
+    device: str = _opt("cpu", "Torch device: cpu or cuda[:N].")
+    dtype: str = _opt("auto", "Weight/activation dtype: auto (from config.json), float32, "
+                      "bfloat16 or float16.")
+    seed: int = _opt(0, "Base seed for sampling requests that give no seed of their own.")
+    block_size: int = _opt(16, "Tokens per KV-cache block.")
+    num_kv_blocks: int | None = _opt(None, "KV-cache pool size in blocks (default: derived from "
+                                     "--kv-cache-memory).")
+    kv_cache_memory: int = _opt(256 * 2**20, "Bytes for the KV cache when --num-kv-blocks is "
+                                "not given.")
+    max_num_seqs: int = _opt(64, "Most requests in one batch.")
+    max_num_batched_tokens: int = _opt(512, "Token budget of one engine step (prefill chunks "
+                                       "plus decodes).")
+    max_model_len: int | None = _opt(None, "Longest prompt+output in tokens (default: the "
+                                     "model's max_position_embeddings).")
+    enable_prefix_caching: bool = _opt(True, "Reuse KV blocks of identical prompt prefixes.")
+    scheduling_policy: str = _opt("fcfs", "Queue order: fcfs or priority (lower value first).")
+
+    def __post_init__(self) -> None:
+        self._check_positive("block_size", "max_num_seqs", "max_num_batched_tokens",
+                             "kv_cache_memory")
+        if self.block_size & (self.block_size - 1):
+            raise ConfigError("block_size", f"must be a power of two, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ConfigError("num_kv_blocks", f"must be >= 1, got {self.num_kv_blocks}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError("max_model_len", f"must be >= 1, got {self.max_model_len}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ConfigError("dtype", f"must be auto or one of {sorted(DTYPES)}, got "
+                              f"{self.dtype!r}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ConfigError("scheduling_policy", f"must be fcfs or priority, got "
+                              f"{self.scheduling_policy!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError("device", f"must be cpu or cuda[:N], got {self.device!r}")
+
+    def _check_positive(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(name, f"must be a positive integer, got {value!r}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown engine argument; known: {sorted(known)}")
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,182 @@
+"""The engine core every role runs: Scheduler + BlockManager + ModelRunner + Sampler.
+
+``Engine.step()`` is one iteration of the loop: schedule, run the model, sample, update. The
+engine works on token ids only; text (detokenization, stop strings) belongs to the front end.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fdpd.config import ConfigError, EngineConfig
+from fdpd.engine.block_manager import BlockManager
+from fdpd.engine.request import Request, RequestStatus
+from fdpd.engine.runner import BatchItem, ModelRunner, kv_block_bytes
+from fdpd.engine.sampler import Sampler, SamplingRow
+from fdpd.engine.scheduler import PreemptionHandler, Scheduler
+from fdpd.model.loader import LoadedModel, load_model
+from fdpd.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve. Names the offending field; other requests go on."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one step did for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[float] | None
+    finished: bool
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, *, loaded: LoadedModel | None = None,
+                 preemption: PreemptionHandler | None = None):
+        self.config = config
+        self.device = torch.device(config.device)
+        self.loaded = loaded or load_model(config.model, dtype=config.dtype,
+                                           device=config.device,
+                                           max_positions=config.max_model_len)
+        mc = self.loaded.config
+        self.model_config = mc
+        self.dtype = getattr(torch, self.loaded.dtype)
+        self.max_model_len = self._resolve_max_model_len()
+        bytes_per_block = kv_block_bytes(self.loaded.model, config.block_size, self.dtype)
+        num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory // bytes_per_block)
+        self.fingerprint = mc.fingerprint(self.loaded.dtype, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size,
+                                          config.enable_prefix_caching, self.fingerprint)
+        self.scheduler = Scheduler(
+            self.block_manager, max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len, policy=config.scheduling_policy,
+            preemption=preemption)
+        self.runner = ModelRunner(self.loaded.model, num_blocks=num_blocks,
+                                  block_size=config.block_size, device=self.device,
+                                  dtype=self.dtype)
+        self.sampler = Sampler(mc.vocab_size, self.device)
+        self._seeds = random.Random(config.seed)
+        self.eos_token_ids = self._eos_token_ids()
+
+    def _resolve_max_model_len(self) -> int:
+        mc, asked = self.model_config, self.config.max_model_len
+        limit = mc.max_position_embeddings
+        if mc.sliding_window is not None and mc.sliding_window < limit:
+            # Within the window, sliding-window attention equals full attention; beyond it
+            # the paged kernel would need a window mask, so the context stops there.
+            limit = mc.sliding_window
+        if asked is None:
+            return limit
+        if asked > limit:
+            raise ConfigError("max_model_len", f"{asked} exceeds the model's limit of {limit} "
+                              "tokens (max_position_embeddings or sliding_window)")
+        return asked
+
+    def _eos_token_ids(self) -> tuple[int, ...]:
+        ids = set(self.model_config.eos_token_ids)
+        if self.loaded.tokenizer is not None:
+            ids.update(self.loaded.tokenizer.eos_token_ids)
+        return tuple(sorted(ids))
+
+    # ---------------------------------------------------------------- requests in and out
+    def make_request(self, request_id: str, prompt_token_ids: Sequence[int],
+                     params: SamplingParams, priority: int = 0) -> Request:
+        """Validate and build a request without admitting it."""
+        if not isinstance(params, SamplingParams):
+            raise RequestError("sampling_params", f"expected SamplingParams, got "
+                               f"{type(params).__name__}")
+        ids = list(prompt_token_ids)
+        if not ids:
+            raise RequestError("prompt", "the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool)
+                    or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError("prompt", f"token id {bad!r} is outside the vocabulary "
+                               f"[0, {vocab})")
+        n, limit = len(ids), self.max_model_len
+        if n >= limit:
+            raise RequestError("prompt", f"the prompt has {n} tokens; max_model_len is {limit} "
+                               "and at least one token must be generated")
+        if params.max_tokens is not None and n + params.max_tokens > limit:
+            raise RequestError("max_tokens", f"prompt ({n} tokens) + max_tokens "
+                               f"({params.max_tokens}) exceeds max_model_len ({limit})")
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - n
+        need = self.block_manager.blocks_for(n + max_tokens)
+        if need > self.block_manager.num_blocks:
+            raise RequestError("max_tokens", f"prompt + max_tokens needs {need} KV blocks but "
+                               f"the pool has {self.block_manager.num_blocks}")
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+        return Request(request_id, tuple(ids), params, max_tokens=max_tokens, seed=seed,
+                       eos_token_ids=self.eos_token_ids, priority=priority)
+
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
+                    params: SamplingParams, priority: int = 0) -> Request:
+        req = self.make_request(request_id, prompt_token_ids, params, priority)
+        self.scheduler.add(req)
+        return req
+
+    def abort_request(self, request_id: str,
+                      status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> bool:
+        req = self.scheduler.requests.get(request_id)
+        if req is None:
+            return False
+        self.scheduler.finish(req, status)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---------------------------------------------------------------- the loop body
+    def step(self) -> list[StepOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        items, sampling = [], []
+        for req, n in sched.scheduled:
+            start = req.num_computed_tokens
+            done = start + n == req.num_tokens
+            items.append(BatchItem(req.all_token_ids[start:start + n], start,
+                                   self.block_manager.owned(req.request_id), done))
+            if done:
+                sampling.append(req)
+        logits = self.runner.execute(items)
+        for req, n in sched.scheduled:
+            self.scheduler.advance(req, n)
+        if not sampling:
+            return []
+        rows = [SamplingRow(r.sampling_params, r.seed, r.num_tokens, r.prompt_token_ids,
+                            r.output_token_ids, r.eos_token_ids) for r in sampling]
+        sampled = self.sampler.sample(logits, rows)
+        outputs = []
+        for i, req in enumerate(sampling):
+            token = sampled.token_ids[i]
+            wants_logprob = req.sampling_params.logprobs is not None
+            logprob = sampled.logprobs[i] if wants_logprob and sampled.logprobs else None
+            finished = self.scheduler.append_token(req, token, logprob)
+            outputs.append(StepOutput(
+                req.request_id, [token], None if logprob is None else [logprob], finished,
+                req.status.finish_reason if finished else None, req.stop_reason,
+                req.num_prompt_tokens, req.num_cached_tokens))
+        return outputs
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()

@@ -1,0 +1,128 @@
+"""The model runner: owns the KV cache (its one allocation site) and turns a scheduled batch into
+one forward pass.
+
+KV layout: a single tensor ``[layers, 2, num_blocks, block_size, kv_heads, head_dim]``. Per-layer
+views feed attention; ``kv_cache[:, :, block_ids]`` gathers whole blocks across all layers in one
+indexing op, which is what transfers and KV-store write-backs need.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fdpd.model.attention import AttentionMetadata, PrefillSpan
+from fdpd.model.llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One request's slice of a step: ``token_ids`` at positions ``start..start+len-1``."""
+
+    token_ids: Sequence[int]
+    start: int
+    block_ids: Sequence[int]
+    needs_logits: bool
+
+
+def kv_block_bytes(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
+    c = model.config
+    return (c.num_hidden_layers * 2 * block_size * c.num_key_value_heads * c.head_dim
+            * torch.empty((), dtype=dtype).element_size())
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, *, num_blocks: int, block_size: int,
+                 device: torch.device, dtype: torch.dtype):
+        c = model.config
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        self.num_blocks = num_blocks
+        # The only place KV memory is allocated (see DESIGN 10: FastDeploy #7420).
+        self.kv_cache = torch.zeros(
+            c.num_hidden_layers, 2, num_blocks, block_size, c.num_key_value_heads, c.head_dim,
+            dtype=dtype, device=device)
+        self._offsets = torch.arange(block_size, device=device)
+        log.info("KV cache: %d blocks x %d tokens, %.1f MiB", num_blocks, block_size,
+                 self.kv_cache.numel() * self.kv_cache.element_size() / 2**20)
+
+    def execute(self, items: Sequence[BatchItem]) -> torch.Tensor:
+        """Run one step. Returns float32 logits, one row per item with ``needs_logits``."""
+        input_ids, positions, slots, logit_rows = [], [], [], []
+        decodes: list[tuple[int, BatchItem]] = []
+        prefills: list[PrefillSpan] = []
+        bs = self.block_size
+        for item in items:
+            first = len(input_ids)
+            n = len(item.token_ids)
+            input_ids.extend(item.token_ids)
+            positions.extend(range(item.start, item.start + n))
+            blocks = item.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(item.start, item.start + n))
+            if item.needs_logits:
+                logit_rows.append(first + n - 1)
+            if n == 1:
+                decodes.append((first, item))
+            else:
+                prefills.append(self._prefill_span(first, item))
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            decode_token_index=None, decode_key_slots=None, decode_mask=None,
+            prefills=prefills)
+        if decodes:
+            self._decode_metadata(meta, decodes)
+        hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=dev),
+                            torch.tensor(positions, dtype=torch.long, device=dev),
+                            self.kv_cache, meta)
+        if not logit_rows:
+            return torch.empty(0, self.model.config.vocab_size, device=dev)
+        rows = torch.tensor(logit_rows, dtype=torch.long, device=dev)
+        return self.model.compute_logits(hidden.index_select(0, rows))
+
+    def _prefill_span(self, first: int, item: BatchItem) -> PrefillSpan:
+        n, start = len(item.token_ids), item.start
+        total = start + n
+        if start == 0:
+            return PrefillSpan(first, n, 0, key_slots=None, mask=None)
+        dev = self.device
+        blocks = torch.tensor(item.block_ids[: -(-total // self.block_size)], device=dev)
+        key_slots = (blocks[:, None] * self.block_size + self._offsets).flatten()[:total]
+        q_pos = torch.arange(start, total, device=dev)
+        mask = torch.arange(total, device=dev)[None, :] <= q_pos[:, None]
+        return PrefillSpan(first, n, start, key_slots=key_slots, mask=mask)
+
+    def _decode_metadata(self, meta: AttentionMetadata,
+                         decodes: list[tuple[int, BatchItem]]) -> None:
+        bs, dev = self.block_size, self.device
+        lens = [item.start + 1 for _, item in decodes]
+        width = -(-max(lens) // bs)
+        table = [list(item.block_ids[:width]) + [0] * (width - min(width, len(item.block_ids)))
+                 for _, item in decodes]
+        table_t = torch.tensor(table, dtype=torch.long, device=dev)
+        max_len = max(lens)
+        key_slots = (table_t[:, :, None] * bs + self._offsets).view(len(decodes), -1)[:, :max_len]
+        lens_t = torch.tensor(lens, device=dev)
+        mask = torch.arange(max_len, device=dev)[None, :] < lens_t[:, None]
+        index = [first for first, _ in decodes]
+        meta.decode_token_index = torch.tensor(index, dtype=torch.long, device=dev)
+        meta.decode_key_slots = key_slots
+        meta.decode_mask = mask[:, None, None, :]
+        if index == list(range(index[0], index[0] + len(index))):
+            meta.decode_run = (index[0], index[0] + len(index))
+
+    # ------------------------------------------------------------ block-granular KV access
+    def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """A copy of whole blocks across all layers: [layers, 2, n, bs, H, D]."""
+        index = torch.tensor(list(block_ids), dtype=torch.long, device=self.device)
+        return self.kv_cache.index_select(2, index)
+
+    def write_blocks(self, block_ids: Sequence[int], data: torch.Tensor) -> None:
+        index = torch.tensor(list(block_ids), dtype=torch.long, device=self.device)
+        self.kv_cache.index_copy_(2, index, data.to(self.kv_cache.device, self.kv_cache.dtype))

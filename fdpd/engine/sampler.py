@@ -1,0 +1,245 @@
+"""Batched token sampler shared by every engine role (prefill, decode, mixed).
+
+Processing order for one step, per row:
+
+1. Penalties, on a copy of the logits. Repetition penalty (HF/vLLM): for every token seen in
+   prompt + output, a positive logit is divided by the penalty and a negative one multiplied by it.
+   Then frequency and presence penalties (OpenAI), over OUTPUT tokens only:
+   ``logit -= frequency_penalty * count + presence_penalty * (count > 0)``.
+2. min_tokens: while ``len(output) < min_tokens`` the row's EOS ids and ``stop_token_ids`` are set
+   to -inf. ``ignore_eos`` masks nothing here; the engine simply does not stop on EOS.
+   Steps 1-2 give the *processed* logits (:meth:`Sampler.process_logits`).
+3. Greedy rows (temperature 0 or top_k 1) take the argmax of the processed logits.
+4. Random rows: temperature, top-k, top-p, min-p, then one inverse-CDF draw.
+
+Reproducibility: a random row's draw depends only on (seed, position) and its logits, never on the
+batch it sits in or on a process-local RNG stream, because in PD mode the prefill instance samples
+the first token and the decode instance the rest (DESIGN.md 3.7). Each row gets one uniform
+``u = mix_seed(seed, position) / 2**63`` (53 significant bits), computed in pure Python with a
+splitmix64 mix, so it is identical on every device and process. The token is the first index whose
+cumulative probability (float64) exceeds ``u * total``: exact inverse-CDF sampling, one batched
+``searchsorted`` for all rows, no per-row generators or kernel launches, and a token whose
+probability is exactly 0 (masked) can never be returned. All other ops are row-wise, so a row gives
+the same token alone or inside any batch.
+
+No NaN ever: if a random row's distribution is unusable (every candidate masked, +inf or NaN
+logits) the row falls back to the argmax of its processed logits (NaN read as -inf).
+
+Logprobs (only when some row asks) are the log_softmax of the raw logits, i.e. the model's
+unprocessed temperature-1 distribution, at the chosen token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fdpd.sampling_params import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+_UNIFORM_SCALE = 2.0**-53
+
+
+def _splitmix64(x: int) -> int:
+    """splitmix64 (Steele, Lea, Flood 2014): a bijection on 64-bit ints with good avalanche."""
+    z = (x + _GOLDEN_GAMMA) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def mix_seed(seed: int, position: int) -> int:
+    """The 63-bit seed of the draw at ``position`` of a request seeded ``seed``.
+
+    ``splitmix64((splitmix64(seed) + position) mod 2**64) >> 1``: distinct positions of one
+    request give distinct values (splitmix64 is a bijection); the result is in [0, 2**63).
+    """
+    return _splitmix64((_splitmix64(seed & _MASK64) + position) & _MASK64) >> 1
+
+
+def uniform_for(seed: int, position: int) -> float:
+    """The uniform in [0, 1) used for the draw at ``position``: the top 53 bits of the mix."""
+    return (mix_seed(seed, position) >> 10) * _UNIFORM_SCALE
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingRow:
+    """What the sampler needs to know about one request at one step."""
+
+    params: SamplingParams
+    seed: int  # the request's seed, or one the engine assigned at admission
+    position: int  # index in the full sequence of the token being generated
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # Logprob of each chosen token under the raw (temperature-1) distribution; None if no row
+    # asked. When some row asked, every row gets a value.
+    logprobs: list[float] | None
+
+
+class Sampler:
+    """Turns a batch of logits ``[B, V]`` into one token per row (see the module docstring)."""
+
+    def __init__(self, vocab_size: int, device: torch.device | str = "cpu"):
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"vocab_size: must be a positive integer, got {vocab_size!r}")
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        logits = self._check_logits(logits, rows)
+        any_logprobs = False
+        simple = True  # every row greedy, no penalties, no min_tokens mask
+        for row in rows:
+            p = row.params
+            if p.logprobs is not None:
+                any_logprobs = True
+            if (simple and (not p.greedy or p.has_penalties
+                            or len(row.output_token_ids) < p.min_tokens)):
+                simple = False
+        if simple:
+            chosen = logits.argmax(dim=-1)
+        else:
+            processed = self.process_logits(logits, rows)
+            chosen = self._choose(processed, rows)
+        logprobs = None
+        if any_logprobs:
+            raw = torch.log_softmax(logits, dim=-1)
+            logprobs = raw.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+        return SamplerOutput(token_ids=chosen.tolist(), logprobs=logprobs)
+
+    def _check_logits(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(f"logits: expected shape [{len(rows)}, >={self.vocab_size}] for "
+                             f"{len(rows)} rows, got {list(logits.shape)}")
+        if logits.shape[1] < self.vocab_size:
+            raise ValueError(f"logits: {logits.shape[1]} columns < vocab_size {self.vocab_size}")
+        # Models may pad the vocabulary; padded columns must never be sampled.
+        logits = logits[:, : self.vocab_size]
+        return logits.to(device=self.device, dtype=torch.float32)
+
+    def process_logits(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """Penalties then the min_tokens mask, on a copy; the input is left untouched."""
+        out = logits.clone()
+        penalised = [i for i, row in enumerate(rows) if row.params.has_penalties]
+        if penalised:
+            self._apply_penalties(out, [rows[i] for i in penalised], penalised)
+        self._apply_min_tokens(out, rows)
+        return out
+
+    def _ids(self, ids: Sequence[int]) -> torch.Tensor:
+        if isinstance(ids, torch.Tensor):
+            return ids.to(device=self.device, dtype=torch.long).flatten()
+        return torch.tensor(list(ids), dtype=torch.long, device=self.device)
+
+    def _scatter_index(self, seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, token) index pairs for a list of id tensors, out-of-vocab ids dropped."""
+        lengths = torch.tensor([len(s) for s in seqs], device=self.device)
+        row_idx = torch.repeat_interleave(torch.arange(len(seqs), device=self.device), lengths)
+        tok_idx = torch.cat(seqs)
+        keep = (tok_idx >= 0) & (tok_idx < self.vocab_size)
+        return row_idx[keep], tok_idx[keep]
+
+    def _apply_penalties(self, logits: torch.Tensor, rows: list[SamplingRow],
+                         index: list[int]) -> None:
+        n, vocab = len(rows), logits.shape[1]
+        dev = self.device
+        idx = torch.tensor(index, device=dev)
+        sub = logits[idx]
+        outputs = [self._ids(r.output_token_ids) for r in rows]
+        rep = torch.tensor([r.params.repetition_penalty for r in rows], device=dev)
+        if bool((rep != 1.0).any()):
+            seen_ids = [torch.cat([self._ids(r.prompt_token_ids), o]) for r, o in zip(rows, outputs)]
+            seen = torch.zeros(n, vocab, dtype=torch.bool, device=dev)
+            seen[self._scatter_index(seen_ids)] = True
+            # A row with penalty 1 divides/multiplies by exactly 1: unchanged, bit for bit.
+            rep = rep.unsqueeze(1)
+            sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+        freq = torch.tensor([r.params.frequency_penalty for r in rows], device=dev)
+        presence = torch.tensor([r.params.presence_penalty for r in rows], device=dev)
+        if bool((freq != 0).any() or (presence != 0).any()):
+            counts = torch.zeros(n, vocab, dtype=torch.float32, device=dev)
+            rows_i, toks = self._scatter_index(outputs)
+            counts.index_put_((rows_i, toks), torch.ones_like(toks, dtype=torch.float32),
+                              accumulate=True)
+            sub = (sub - freq.unsqueeze(1) * counts
+                   - presence.unsqueeze(1) * (counts > 0).to(torch.float32))
+        logits[idx] = sub
+
+    def _apply_min_tokens(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+        row_idx: list[int] = []
+        tok_idx: list[int] = []
+        for i, row in enumerate(rows):
+            p = row.params
+            if len(row.output_token_ids) < p.min_tokens:
+                for t in (*row.eos_token_ids, *p.stop_token_ids):
+                    if 0 <= t < self.vocab_size:
+                        row_idx.append(i)
+                        tok_idx.append(t)
+        if row_idx:
+            logits[torch.tensor(row_idx, device=self.device),
+                   torch.tensor(tok_idx, device=self.device)] = -torch.inf
+
+    def _choose(self, processed: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        # NaN would win torch.argmax; read it as "impossible" instead.
+        chosen = torch.nan_to_num(processed, nan=-torch.inf).argmax(dim=-1)
+        random = [i for i, row in enumerate(rows) if not row.params.greedy]
+        if random:
+            picked = self._sample_random(processed, [rows[i] for i in random], random)
+            chosen[torch.tensor(random, device=self.device)] = picked
+        return chosen
+
+    def _sample_random(self, processed: torch.Tensor, rows: list[SamplingRow],
+                       index: list[int]) -> torch.Tensor:
+        dev, vocab = self.device, processed.shape[1]
+        idx = torch.tensor(index, device=dev)
+        logits = processed[idx]
+        fallback = torch.nan_to_num(logits, nan=-torch.inf).argmax(dim=-1)
+        temperature = torch.tensor([r.params.temperature for r in rows], device=dev)
+        # Subtracting the row max first keeps x <= 0, so a tiny temperature cannot overflow to +inf.
+        x = (logits - logits.amax(dim=-1, keepdim=True)) / temperature.unsqueeze(1)
+        top_k = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in rows]
+        top_p = [r.params.top_p for r in rows]
+        if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
+            x = self._top_k_top_p(x, top_k, top_p)
+        min_p = torch.tensor([r.params.min_p for r in rows], device=dev)
+        if bool((min_p > 0).any()):
+            probs = torch.softmax(x, dim=-1)
+            floor = min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+            x = x.masked_fill(probs < floor, -torch.inf)
+        probs = torch.softmax(x, dim=-1)
+        # float64 cumsum: monotone, so a zero-probability token never owns an interval.
+        cdf = probs.to(torch.float64).cumsum(dim=-1)
+        total = cdf[:, -1:]
+        u = torch.tensor([uniform_for(r.seed, r.position) for r in rows],
+                         dtype=torch.float64, device=dev)
+        picked = torch.searchsorted(cdf, u.unsqueeze(1) * total, right=True).squeeze(1)
+        picked = picked.clamp_(max=vocab - 1)
+        usable = (torch.isfinite(total.squeeze(1)) & (total.squeeze(1) > 0)
+                  & (probs.gather(1, picked.unsqueeze(1)).squeeze(1) > 0))
+        return torch.where(usable, picked, fallback)
+
+    def _top_k_top_p(self, x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+        dev, vocab = self.device, x.shape[1]
+        # Stable sort: ties are ordered by token id, so the cut is a function of the row alone.
+        sorted_x, order = x.sort(dim=-1, descending=True, stable=True)
+        k = torch.tensor(top_k, device=dev).unsqueeze(1)
+        sorted_x = sorted_x.masked_fill(torch.arange(vocab, device=dev) >= k, -torch.inf)
+        p = torch.tensor(top_p, device=dev).unsqueeze(1)
+        if bool((p < 1.0).any()):
+            probs = torch.softmax(sorted_x, dim=-1)
+            # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass
+            # strictly before it is >= top_p. The first token always stays (top_p > 0).
+            cumulative = probs.cumsum(dim=-1)
+            before = torch.cat([torch.zeros_like(cumulative[:, :1]), cumulative[:, :-1]], dim=1)
+            drop = (before >= p) & (p < 1.0)
+            sorted_x = sorted_x.masked_fill(drop, -torch.inf)
+        return torch.empty_like(x).scatter_(1, order, sorted_x)

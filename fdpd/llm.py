@@ -1,0 +1,106 @@
+"""Offline inference in vLLM's shape: ``LLM(model="tiny").generate(prompts, params)``."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any, Union
+
+from fdpd.config import EngineConfig
+from fdpd.engine.engine import Engine, RequestError
+from fdpd.engine.request import RequestStatus
+from fdpd.outputs import CompletionOutput, RequestOutput, TextStream
+from fdpd.sampling_params import SamplingParams
+
+# A prompt is text, a list of token ids, or {"prompt_token_ids": [...]} / {"prompt": "..."}.
+PromptType = Union[str, Sequence[int], dict]
+
+
+class LLM:
+    def __init__(self, model: str = "tiny", **engine_args: Any):
+        self.config = EngineConfig.from_kwargs(model=model, **engine_args)
+        self.engine = Engine(self.config)
+        self.tokenizer = self.engine.loaded.tokenizer
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        prompts = _as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = ([sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams)
+                  else list(sampling_params))
+        if len(params) != len(prompts):
+            raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"priority: {len(priority)} given for {len(prompts)} prompts")
+
+        # Validate everything before admitting anything, so a bad prompt in a batch leaves no
+        # half-run batch behind.
+        pending = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            text, ids = self._tokenize(prompt)
+            if p.stop and self.tokenizer is None:
+                raise RequestError("stop", "stop strings need a tokenizer; this model has none")
+            req = self.engine.make_request(f"offline-{next(self._ids)}", ids, p,
+                                           priority[i] if priority else 0)
+            pending.append((req, text))
+        results: dict[str, RequestOutput] = {}
+        streams: dict[str, TextStream] = {}
+        for req, text in pending:
+            self.engine.scheduler.add(req)
+            results[req.request_id] = RequestOutput(
+                req.request_id, text, list(req.prompt_token_ids),
+                [CompletionOutput(0, "", [], None, None)])
+            streams[req.request_id] = TextStream(self.tokenizer, req.prompt_token_ids,
+                                                 req.sampling_params)
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                result = results[out.request_id]
+                completion = result.outputs[0]
+                completion.token_ids.extend(out.new_token_ids)
+                if out.new_logprobs is not None:
+                    completion.logprobs = (completion.logprobs or []) + out.new_logprobs
+                    completion.cumulative_logprob = sum(completion.logprobs)
+                stream = streams[out.request_id]
+                stream.add(out.new_token_ids, out.finished)
+                finished, reason, stop = out.finished, out.finish_reason, out.stop_reason
+                if stream.stop_reason is not None and not finished:
+                    self.engine.abort_request(out.request_id, RequestStatus.FINISHED_STOPPED)
+                    finished, reason, stop = True, "stop", stream.stop_reason
+                elif stream.stop_reason is not None:
+                    reason, stop = "stop", stream.stop_reason
+                completion.text = stream.text
+                result.num_cached_tokens = out.num_cached_tokens
+                if finished:
+                    result.finished = True
+                    completion.finish_reason, completion.stop_reason = reason, stop
+        return [results[req.request_id] for req, _ in pending]
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return None, list(prompt["prompt_token_ids"])
+            prompt = prompt.get("prompt")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("prompt", "this model directory has no tokenizer; pass token "
+                                   "ids instead of text")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, Sequence):
+            return None, list(prompt)
+        raise RequestError("prompt", f"expected text or a list of token ids, got "
+                           f"{type(prompt).__name__}")
+
+
+def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+        return [prompts]                       # one prompt given as token ids
+    return prompts
