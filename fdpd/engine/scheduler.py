@@ -126,7 +126,8 @@ class Scheduler:
         req.status = status
         if was_waiting:
             self.waiting.discard(req)
-        elif req.request_id in self.bm.owners():
+        else:
+            self.running.remove(req)            # O(max_num_seqs), once per request
             self.bm.free(req.request_id)
         self.requests.pop(req.request_id, None)
 

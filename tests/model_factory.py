@@ -1,0 +1,136 @@
+"""Random-weight Hugging Face checkpoints for tests (no download).
+
+``make_checkpoint`` writes a directory that ``fdpd.model.loader.load_model``,
+``fdpd.model.reference.ReferenceModel`` (via ``checkpoint_state_dict``) and
+``transformers.AutoModelForCausalLM.from_pretrained`` all load, so exactness tests can compare
+the three. Weights use the tiny model's init (``seeded_state_dict``): a pure function of the
+shapes and ``seed``, scaled so greedy decoding has clear winners.
+
+Typical use::
+
+    path = make_checkpoint(tmp_path, "qwen2", tie=True)
+    loaded = load_model(str(path))
+    ref = ReferenceModel(loaded.config, checkpoint_state_dict(path))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fdpd.model.config import ModelConfig
+from fdpd.model.tiny import seeded_state_dict
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "mistral": "MistralForCausalLM"}
+BOS, EOS = 1, 2
+# Sentences the test BPE tokenizer is trained on: ASCII, accents, CJK and emoji, so that some
+# characters span several byte-level tokens.
+BPE_CORPUS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Prefill and decode run on different machines; the KV cache moves between them.",
+    "Grüße aus Köln! Ça va très bien, merci.",
+    "你好，世界。分离式推理把预填充和解码分开。",
+    "Emoji: 🙂 🚀 ✨ and symbols € £ ¥ ©.",
+)
+
+
+def base_config(arch: str, dtype: str = "float32", tie: bool = False,
+                **overrides: Any) -> ModelConfig:
+    """The small default shape for ``arch``: vocab 512, hidden 64, 2 layers, 4 heads, 2 KV
+    heads, head_dim 16, max 512 positions; Qwen2 gets q/k/v biases. ``overrides`` are
+    ``ModelConfig`` fields (e.g. ``head_dim=32``, ``num_key_value_heads=1``,
+    ``sliding_window=16``, ``rope_scaling={"rope_type": "llama3", ...}`` as a dict)."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch: must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: not a ModelConfig field")
+    if isinstance(overrides.get("rope_scaling"), dict):
+        overrides["rope_scaling"] = tuple(sorted(overrides["rope_scaling"].items()))
+    cfg = ModelConfig(
+        architecture=ARCHITECTURES[arch], vocab_size=512, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=512,
+        tie_word_embeddings=tie, attention_bias=arch == "qwen2", torch_dtype=dtype,
+        bos_token_id=BOS, eos_token_ids=(EOS,), name=f"test-{arch}")
+    return dataclasses.replace(cfg, **overrides)
+
+
+def make_checkpoint(tmp_dir: str | Path, arch: str, dtype: str = "float32", shards: int = 1,
+                    tie: bool = False, seed: int = 0, tokenizer: bool = False,
+                    **overrides: Any) -> Path:
+    """Write a random-weight checkpoint under ``tmp_dir`` and return its directory.
+
+    ``arch`` is "llama", "qwen2" or "mistral"; ``dtype`` the stored dtype (float32, bfloat16,
+    float16, also written as ``torch_dtype``); ``shards`` > 1 writes
+    ``model-0000i-of-0000n.safetensors`` files plus ``model.safetensors.index.json``; ``tie``
+    ties the LM head to the embeddings (no ``lm_head.weight`` stored); ``tokenizer`` adds a
+    byte-level BPE ``tokenizer.json`` (see ``make_bpe_tokenizer``) with ``<s>``=1, ``</s>``=2.
+    ``overrides`` are ``ModelConfig`` fields, see ``base_config``. The directory name encodes
+    the arguments, so several checkpoints can share one ``tmp_dir``.
+    """
+    if shards < 1:
+        raise ValueError(f"shards: must be >= 1, got {shards}")
+    cfg = base_config(arch, dtype=dtype, tie=tie, **overrides)
+    label = hashlib.sha256(repr(sorted(overrides.items())).encode()).hexdigest()[:8]
+    out = Path(tmp_dir) / f"{arch}-{dtype}-s{shards}-t{int(tie)}-seed{seed}-{label}"
+    out.mkdir(parents=True, exist_ok=True)
+    hf = cfg.to_hf()
+    (out / "config.json").write_text(json.dumps(hf, indent=2, default=list))
+    torch_dtype = getattr(torch, dtype)
+    weights = {k: v.to(torch_dtype).contiguous()
+               for k, v in seeded_state_dict(cfg, seed).items()}
+    _write_weights(out, weights, shards)
+    if tokenizer:
+        make_bpe_tokenizer(min(cfg.vocab_size, 400)).save(str(out / "tokenizer.json"))
+        (out / "tokenizer_config.json").write_text(json.dumps(
+            {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
+    return out
+
+
+def checkpoint_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory written by ``make_checkpoint`` (any sharding)."""
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    return state
+
+
+def make_bpe_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``BPE_CORPUS`` with special tokens
+    ``<unk>``=0, ``<s>``=1, ``</s>``=2 (deterministic: the trainer is deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(BPE_CORPUS, trainer)
+    return tok
+
+
+def _write_weights(out: Path, weights: dict[str, torch.Tensor], shards: int) -> None:
+    if shards == 1:
+        save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    names = list(weights)
+    per_shard = -(-len(names) // shards)
+    weight_map: dict[str, str] = {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: weights[n] for n in names[i * per_shard:(i + 1) * per_shard]}
+        save_file(part, str(out / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    total = sum(t.numel() * t.element_size() for t in weights.values())
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
