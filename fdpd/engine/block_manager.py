@@ -95,9 +95,12 @@ class BlockManager:
     def stats(self) -> PrefixCacheStats:
         return PrefixCacheStats(self._queried_tokens, self._hit_tokens, self._evicted)
 
-    def match_prefix(self, block_hashes: Sequence[bytes], num_tokens: int) -> list[int]:
+    def match_prefix(self, block_hashes: Sequence[bytes], num_tokens: int,
+                     record: bool = True) -> list[int]:
         """Cached blocks holding the longest leading run of ``block_hashes``. At least one token
-        is always left to compute (its logits give the next token). Counts a query."""
+        is always left to compute (its logits give the next token). With ``record``, counts a
+        query in the hit statistics (callers that retry the same match pass False and call
+        ``record_query`` once)."""
         if not self.enable_prefix_caching:
             return []
         limit = min(len(block_hashes), (num_tokens - 1) // self.block_size)
@@ -107,9 +110,13 @@ class BlockManager:
             if block is None:
                 break
             hits.append(block)
-        self._queried_tokens += num_tokens
-        self._hit_tokens += len(hits) * self.block_size
+        if record:
+            self.record_query(num_tokens, len(hits))
         return hits
+
+    def record_query(self, num_tokens: int, num_hit_blocks: int) -> None:
+        self._queried_tokens += num_tokens
+        self._hit_tokens += num_hit_blocks * self.block_size
 
     def can_allocate(self, num_blocks: int, cached_blocks: Sequence[int] = ()) -> bool:
         # Reviving a cached block that sits in the free queue takes it out of the queue too.
@@ -190,6 +197,14 @@ class BlockManager:
             self.ref_counts[b] = 1
             taken.append(b)
         return taken
+
+    def transfer(self, owner: str, new_owner: str) -> None:
+        """Hand ``owner``'s blocks to ``new_owner`` (a grant becoming a request, a finished
+        prefill keeping its KV until it is shipped). Ref counts do not change."""
+        if new_owner in self._owned:
+            raise BlockAccountingError(f"{new_owner} already holds blocks")
+        self._owned[new_owner] = self._owned.pop(owner)
+        self._num_hashed[new_owner] = self._num_hashed.pop(owner, 0)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached hash of unreferenced blocks (e.g. after new weights)."""

@@ -23,6 +23,8 @@ class RequestStatus(enum.IntEnum):
     FINISHED_LENGTH = 11
     FINISHED_ABORTED = 12
     FINISHED_ERROR = 13
+    # Prefill role: the first token is sampled and the KV waits (held) to be shipped to decode.
+    FINISHED_PREFILLED = 14
 
     @property
     def is_finished(self) -> bool:
@@ -38,6 +40,7 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
     RequestStatus.FINISHED_ERROR: "error",
+    RequestStatus.FINISHED_PREFILLED: "prefilled",
 }
 
 
@@ -51,6 +54,8 @@ class Request:
     eos_token_ids: tuple[int, ...] = ()
     priority: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
+    # Prefill role: stop after the first token and keep the KV for the decode instance.
+    prefill_only: bool = False
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

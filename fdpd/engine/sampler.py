@@ -23,7 +23,7 @@ probability is exactly 0 (masked) can never be returned. All other ops are row-w
 the same token alone or inside any batch.
 
 No NaN ever: if a random row's distribution is unusable (every candidate masked, +inf or NaN
-logits) the row falls back to the argmax of its processed logits (NaN read as -inf).
+logits) the row falls back to the argmax of its processed logits.
 
 Logprobs (only when some row asks) are the log_softmax of the raw logits, i.e. the model's
 unprocessed temperature-1 distribution, at the chosen token.
@@ -41,6 +41,8 @@ from fdpd.sampling_params import SamplingParams
 _MASK64 = (1 << 64) - 1
 _GOLDEN_GAMMA = 0x9E3779B97F4A7C15
 _UNIFORM_SCALE = 2.0**-53
+# Candidates searched for the top-p nucleus before falling back to a full-vocab sort.
+_TOP_P_CANDIDATES = 1024
 
 
 def _splitmix64(x: int) -> int:
@@ -96,20 +98,24 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         logits = self._check_logits(logits, rows)
-        any_logprobs = False
-        simple = True  # every row greedy, no penalties, no min_tokens mask
-        for row in rows:
+        any_logprobs = any_processing = False
+        random: list[int] = []
+        for i, row in enumerate(rows):
             p = row.params
             if p.logprobs is not None:
                 any_logprobs = True
-            if (simple and (not p.greedy or p.has_penalties
-                            or len(row.output_token_ids) < p.min_tokens)):
-                simple = False
-        if simple:
-            chosen = logits.argmax(dim=-1)
-        else:
-            processed = self.process_logits(logits, rows)
-            chosen = self._choose(processed, rows)
+            if not p.greedy:
+                random.append(i)
+            if p.has_penalties or len(row.output_token_ids) < p.min_tokens:
+                any_processing = True
+        processed = self.process_logits(logits, rows) if any_processing else logits
+        # Greedy rows, and the fallback of random rows whose distribution is unusable. NaN logits
+        # (a model bug) win torch.argmax, which still yields a valid token id.
+        chosen = processed.argmax(dim=-1)
+        if random:
+            index = torch.tensor(random, device=self.device)
+            chosen[index] = self._sample_random(processed, [rows[i] for i in random], index,
+                                                chosen[index])
         logprobs = None
         if any_logprobs:
             raw = torch.log_softmax(logits, dim=-1)
@@ -188,58 +194,78 @@ class Sampler:
             logits[torch.tensor(row_idx, device=self.device),
                    torch.tensor(tok_idx, device=self.device)] = -torch.inf
 
-    def _choose(self, processed: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        # NaN would win torch.argmax; read it as "impossible" instead.
-        chosen = torch.nan_to_num(processed, nan=-torch.inf).argmax(dim=-1)
-        random = [i for i, row in enumerate(rows) if not row.params.greedy]
-        if random:
-            picked = self._sample_random(processed, [rows[i] for i in random], random)
-            chosen[torch.tensor(random, device=self.device)] = picked
-        return chosen
-
     def _sample_random(self, processed: torch.Tensor, rows: list[SamplingRow],
-                       index: list[int]) -> torch.Tensor:
+                       index: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
         dev, vocab = self.device, processed.shape[1]
-        idx = torch.tensor(index, device=dev)
-        logits = processed[idx]
-        fallback = torch.nan_to_num(logits, nan=-torch.inf).argmax(dim=-1)
+        x = processed[index]  # a copy: the in-place steps below never touch the caller's logits
         temperature = torch.tensor([r.params.temperature for r in rows], device=dev)
-        # Subtracting the row max first keeps x <= 0, so a tiny temperature cannot overflow to +inf.
-        x = (logits - logits.amax(dim=-1, keepdim=True)) / temperature.unsqueeze(1)
+        # Subtracting the row max first keeps x <= 0 with the best token at exactly 0: a tiny
+        # temperature cannot overflow, and exp(x) needs no normalisation.
+        x.sub_(x.amax(dim=-1, keepdim=True)).div_(temperature.unsqueeze(1))
         top_k = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in rows]
         top_p = [r.params.top_p for r in rows]
         if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
             x = self._top_k_top_p(x, top_k, top_p)
-        min_p = torch.tensor([r.params.min_p for r in rows], device=dev)
-        if bool((min_p > 0).any()):
-            probs = torch.softmax(x, dim=-1)
-            floor = min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
-            x = x.masked_fill(probs < floor, -torch.inf)
-        probs = torch.softmax(x, dim=-1)
-        # float64 cumsum: monotone, so a zero-probability token never owns an interval.
-        cdf = probs.to(torch.float64).cumsum(dim=-1)
+        min_p = [r.params.min_p for r in rows]
+        if any(m > 0 for m in min_p):
+            # p_i / p_max = exp(x_i) since the best token sits at 0 (top-k/top-p always keep it),
+            # so "p_i < min_p * p_max" is "x_i < log(min_p)"; log(0) = -inf masks nothing.
+            log_min_p = torch.tensor(min_p, device=dev).log().unsqueeze(1)
+            x.masked_fill_(x < log_min_p, -torch.inf)
+        # Unnormalised weights and their float64 running sum: monotone, so a token of weight 0
+        # (masked) owns an empty interval and is never picked.
+        cdf = x.to(torch.float64).exp_().cumsum_(dim=-1)
         total = cdf[:, -1:]
-        u = torch.tensor([uniform_for(r.seed, r.position) for r in rows],
-                         dtype=torch.float64, device=dev)
-        picked = torch.searchsorted(cdf, u.unsqueeze(1) * total, right=True).squeeze(1)
-        picked = picked.clamp_(max=vocab - 1)
-        usable = (torch.isfinite(total.squeeze(1)) & (total.squeeze(1) > 0)
-                  & (probs.gather(1, picked.unsqueeze(1)).squeeze(1) > 0))
-        return torch.where(usable, picked, fallback)
+        u = torch.tensor([uniform_for(r.seed, r.position) for r in rows], dtype=torch.float64,
+                         device=dev)
+        picked = torch.searchsorted(cdf, u.unsqueeze(1) * total, right=True)
+        # u * total can round up to total; then nothing is > target and the index runs off the end.
+        picked.clamp_(max=vocab - 1)
+        upper = cdf.gather(1, picked)
+        lower = torch.where(picked > 0, cdf.gather(1, (picked - 1).clamp_(min=0)), 0.0)
+        total = total.squeeze(1)
+        usable = torch.isfinite(total) & (total > 0) & (upper.squeeze(1) > lower.squeeze(1))
+        return torch.where(usable, picked.squeeze(1), fallback)
 
     def _top_k_top_p(self, x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+        """Mask x (in place) to the top-k, then the top-p nucleus, of each row.
+
+        Cuts are thresholds on values, never on sorted positions: a token tied with the last kept
+        one is kept too, so the result does not depend on how a sort orders ties. A full-vocab
+        sort is slow (seconds on CPU for a 128k vocab batch), so the nucleus is looked for among
+        the best ``_TOP_P_CANDIDATES`` values and only rows whose nucleus is wider get a sort.
+        """
         dev, vocab = self.device, x.shape[1]
-        # Stable sort: ties are ordered by token id, so the cut is a function of the row alone.
-        sorted_x, order = x.sort(dim=-1, descending=True, stable=True)
-        k = torch.tensor(top_k, device=dev).unsqueeze(1)
-        sorted_x = sorted_x.masked_fill(torch.arange(vocab, device=dev) >= k, -torch.inf)
-        p = torch.tensor(top_p, device=dev).unsqueeze(1)
-        if bool((p < 1.0).any()):
-            probs = torch.softmax(sorted_x, dim=-1)
-            # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass
-            # strictly before it is >= top_p. The first token always stays (top_p > 0).
-            cumulative = probs.cumsum(dim=-1)
-            before = torch.cat([torch.zeros_like(cumulative[:, :1]), cumulative[:, :-1]], dim=1)
-            drop = (before >= p) & (p < 1.0)
-            sorted_x = sorted_x.masked_fill(drop, -torch.inf)
-        return torch.empty_like(x).scatter_(1, order, sorted_x)
+        limited = [k for k in top_k if k < vocab]
+        if limited:
+            k = torch.tensor(top_k, device=dev).unsqueeze(1)
+            best = x.topk(max(limited), dim=-1).values
+            kth = best.gather(1, k.clamp(max=best.shape[1]) - 1)
+            x.masked_fill_((x < kth) & (k < vocab), -torch.inf)
+        nucleus = [i for i, p in enumerate(top_p) if p < 1.0]
+        if not nucleus:
+            return x
+        index = torch.tensor(nucleus, device=dev)
+        sub = x[index]
+        p = torch.tensor([top_p[i] for i in nucleus], device=dev).unsqueeze(1)
+        # x <= 0 with the best token at 0, so exp cannot overflow and the sum is >= 1.
+        total = sub.exp().sum(dim=-1, keepdim=True)
+        values = sub.topk(min(vocab, _TOP_P_CANDIDATES), dim=-1).values
+        cut = self._nucleus_cut(values, total, p)
+        wide = torch.isnan(cut.squeeze(1)).nonzero().squeeze(1)
+        if wide.numel():
+            full = sub[wide].sort(dim=-1, descending=True).values
+            cut[wide] = self._nucleus_cut(full, total[wide], p[wide])
+            # Never reached (rounding with top_p ~ 1, or NaN logits): keep the whole row.
+            cut = torch.where(torch.isnan(cut), -torch.inf, cut)
+        x[index] = sub.masked_fill_(sub < cut, -torch.inf)
+        return x
+
+    @staticmethod
+    def _nucleus_cut(values: torch.Tensor, total: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """Smallest value of the shortest prefix of ``values`` (descending) whose probability
+        mass reaches p, as [R, 1]; NaN where the given values do not reach p."""
+        reached = (values.exp() / total).cumsum(dim=-1) >= p
+        first = reached.to(torch.uint8).argmax(dim=-1, keepdim=True)
+        cut = values.gather(1, first)
+        return torch.where(reached.any(dim=-1, keepdim=True), cut, torch.nan)

@@ -20,6 +20,11 @@ from fdpd.engine.block_manager import BlockManager, compute_block_hashes
 from fdpd.engine.request import Request, RequestStatus
 
 
+def kv_owner(req: Request) -> str:
+    """Block owner id under which a finished prefill's KV waits to be shipped."""
+    return f"kv:{req.request_id}"
+
+
 class PreemptionHandler(Protocol):
     """Where a preempted request's KV goes. Called on the scheduler thread; must not block."""
 
@@ -118,8 +123,9 @@ class Scheduler:
         self.requests[req.request_id] = req
         self.waiting.push(req)
 
-    def finish(self, req: Request, status: RequestStatus) -> None:
-        """Move ``req`` to a terminal state and release what it holds. Idempotent."""
+    def finish(self, req: Request, status: RequestStatus, keep_kv_as: str | None = None) -> None:
+        """Move ``req`` to a terminal state and release its blocks, or, with ``keep_kv_as``,
+        hand them to that owner (who must free them). Idempotent."""
         if req.is_finished:
             return
         was_waiting = req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
@@ -128,8 +134,24 @@ class Scheduler:
             self.waiting.discard(req)
         else:
             self.running.remove(req)            # O(max_num_seqs), once per request
-            self.bm.free(req.request_id)
+            if keep_kv_as is not None:
+                self.bm.transfer(req.request_id, keep_kv_as)
+            else:
+                self.bm.free(req.request_id)
         self.requests.pop(req.request_id, None)
+
+    def adopt(self, req: Request, owner: str) -> None:
+        """Start running ``req`` whose KV for every token but the last is already in the
+        blocks held by ``owner`` (a committed decode grant)."""
+        if req.request_id in self.requests:
+            raise ValueError(f"request_id {req.request_id!r} is already in the engine")
+        self.bm.transfer(owner, req.request_id)
+        self._hash(req)
+        req.status = RequestStatus.RUNNING
+        req.num_computed_tokens = req.num_tokens - 1
+        self.bm.commit(req.request_id, req.block_hashes, req.num_computed_tokens)
+        self.requests[req.request_id] = req
+        self.running.append(req)
 
     def has_work(self) -> bool:
         return bool(self.running) or len(self.waiting) > 0
@@ -212,7 +234,10 @@ class Scheduler:
         elif req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
             status = RequestStatus.FINISHED_LENGTH
         if status is None:
-            return False
+            if not req.prefill_only:
+                return False
+            self.finish(req, RequestStatus.FINISHED_PREFILLED, keep_kv_as=kv_owner(req))
+            return True
         self.finish(req, status)
         return True
 

@@ -98,7 +98,8 @@ def iter_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
             raise ValueError(f"model {str(directory)!r}: {SAFETENSORS_INDEX} names {path.name}, "
                              f"which does not exist")
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
+            names = f.keys()      # a safe_open handle is not iterable itself
+            for name in names:
                 yield name, f.get_tensor(name)
 
 

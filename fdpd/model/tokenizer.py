@@ -12,7 +12,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 # Marks a directory exported by ``fdpd.model.tiny.export_tiny`` as using ``ByteTokenizer``.
 BYTE_TOKENIZER_CLASS = "FdpdByteTokenizer"
@@ -46,7 +46,7 @@ class ByteTokenizer(Tokenizer):
     ``vocab_size - 1`` are reserved special tokens ``<extra_N>`` (the tiny model can emit them)."""
 
     BOS, EOS, PAD = 256, 257, 258
-    _NAMES = {BOS: "<bos>", EOS: "<eos>", PAD: "<pad>"}
+    _NAMES: ClassVar[dict[int, str]] = {BOS: "<bos>", EOS: "<eos>", PAD: "<pad>"}
 
     def __init__(self, vocab_size: int = 259):
         if vocab_size < 259:
@@ -147,7 +147,10 @@ class IncrementalDetokenizer:
     continuation of the prompt. For byte-level tokenizers (and ``ByteTokenizer``) the deltas plus
     ``flush()`` concatenate to exactly ``tokenizer.decode(output_ids)``; for SentencePiece-style
     (Metaspace) tokenizers the first token keeps the leading space that ``decode`` of the output
-    alone would strip, as vLLM and OpenAI completions do.
+    alone would strip, as vLLM and OpenAI completions do. One more limit: a ByteFallback
+    decoder (``<0xNN>`` tokens) renders a whole run of byte tokens as U+FFFD when any byte of
+    the run is invalid, so for invalid byte runs the deltas may differ from ``decode``; valid
+    text always matches.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int] = (),

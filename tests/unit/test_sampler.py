@@ -135,6 +135,30 @@ def test_top_p_keeps_smallest_prefix_reaching_p():
     assert freq[0] == 1.0
 
 
+def reference_top_k_top_p(x: torch.Tensor, k: int, p: float) -> torch.Tensor:
+    x = x.clone()
+    if 0 < k < x.shape[-1]:
+        x[x < x.sort(descending=True).values[k - 1]] = -math.inf
+    if p < 1.0:
+        values = x.sort(descending=True).values
+        cum = torch.softmax(values, -1).cumsum(-1)
+        first = int((cum >= p).nonzero()[0]) if bool((cum >= p).any()) else len(values) - 1
+        x[x < values[first]] = -math.inf
+    return x
+
+
+@pytest.mark.parametrize("vocab", [64, 4096])  # 4096: nucleus wider than the 1024 candidates
+def test_top_k_top_p_mask_matches_reference(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(6, vocab, generator=g) * torch.tensor([[0.01], [0.1], [1], [3], [8], [1]])
+    x -= x.amax(-1, keepdim=True)
+    settings = [(0, 0.9), (0, 0.99), (40, 0.5), (vocab - 1, 0.95), (5, 1.0), (2000, 0.999)]
+    got = Sampler(vocab)._top_k_top_p(x.clone(), [k if k > 0 else vocab for k, _ in settings],
+                                       [p for _, p in settings])
+    for i, (k, p) in enumerate(settings):
+        assert torch.equal(got[i], reference_top_k_top_p(x[i], k, p)), (vocab, k, p)
+
+
 def test_min_p_drops_tokens_below_fraction_of_max():
     probs = torch.tensor([0.5, 0.3, 0.12, 0.05, 0.03])
     freq = frequencies(probs.log(), SamplingParams(min_p=0.2))  # floor 0.1

@@ -1,0 +1,272 @@
+"""The decode-side reservation ledger (DESIGN 4): grants, leases and growth reservations.
+
+A decode instance admits work only through grants, and never grants blocks that its running
+requests will need soon. With reserve horizon ``H`` tokens:
+
+- a running (or preempted, waiting) request *i* reserves the blocks it still needs to grow by
+  ``min(remaining_i, H)`` tokens: ``r_i = max(0, blocks_for(n_i + min(rem_i, H)) - held_i)``;
+- a pending grant *g* reserves the same for the request it will become:
+  ``p_g = blocks_for(prompt + 1 + min(max_tokens - 1, H)) - granted_g``;
+- a new request needs ``need = blocks_for(prompt + 1 + min(max_tokens - 1, H))`` minus the
+  cached prefix blocks it reuses (plus those of them that must be revived from the free queue);
+- it is granted iff ``free - sum(r_i) - sum(p_g) >= need``. Otherwise it waits in FIFO order (a
+  bounded time) and is then rejected.
+
+A grant owns ``blocks_for(prompt + 1)`` blocks in the BlockManager under the owner id
+``grant:<id>``: those blocks are LOADING (no request points at them, so the scheduler cannot
+read them) until ``commit`` hands them to the request. A grant is a lease: past its deadline it
+is expired, its blocks freed, and late KV for it is dropped (the grant id is unknown).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fdpd.engine.block_manager import BlockManager
+from fdpd.engine.scheduler import Scheduler
+from fdpd.pd.protocol import AllocRequest
+
+
+class GrantState(enum.Enum):
+    PENDING = "pending"        # blocks granted, no KV yet
+    LOADING = "loading"        # KV frames arriving
+    COMMITTED = "committed"
+    EXPIRED = "expired"
+    RELEASED = "released"
+
+
+@dataclass
+class GrantRecord:
+    grant_id: str
+    req_id: str
+    prefill_id: str
+    reply_to: str
+    prompt_len: int
+    max_tokens: int
+    block_ids: list[int]
+    cached_blocks: int
+    expires_at: float
+    state: GrantState = GrantState.PENDING
+    received: set[int] = field(default_factory=set)     # grant-relative block indices
+    created_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def owner(self) -> str:
+        return f"grant:{self.grant_id}"
+
+    @property
+    def num_expected(self) -> int:
+        return len(self.block_ids) - self.cached_blocks
+
+
+@dataclass
+class PendingAlloc:
+    msg: AllocRequest
+    src: str
+    deadline: float
+    enqueued_at: float
+
+
+class LedgerError(RuntimeError):
+    """The ledger's books do not balance. Always a bug."""
+
+
+class ReservationLedger:
+    def __init__(self, scheduler: Scheduler, *, horizon: int, grant_ttl: float,
+                 max_pending_allocs: int = 256, clock: Callable[[], float] = time.monotonic):
+        self.scheduler = scheduler
+        self.bm: BlockManager = scheduler.bm
+        self.horizon = horizon
+        self.grant_ttl = grant_ttl
+        self.max_pending_allocs = max_pending_allocs
+        self.clock = clock
+        self.grants: dict[str, GrantRecord] = {}
+        self.by_req: dict[str, str] = {}                   # req_id -> grant_id
+        self.waiting_allocs: deque[PendingAlloc] = deque()
+        self._ids = itertools.count()
+        self.counters = {"granted": 0, "deferred": 0, "rejected": 0, "expired": 0,
+                         "committed": 0, "released": 0, "stale_kv": 0}
+
+    # ------------------------------------------------------------------ arithmetic
+    def _horizon_blocks(self, num_tokens: int, remaining: int) -> int:
+        return self.bm.blocks_for(num_tokens + min(max(remaining, 0), self.horizon))
+
+    def reserved_blocks(self) -> int:
+        """Growth headroom of every request this instance already serves."""
+        total = 0
+        for req in self.scheduler.requests.values():
+            held = len(self.bm.owned(req.request_id))
+            remaining = req.max_tokens - req.num_output_tokens
+            total += max(0, self._horizon_blocks(req.num_tokens, remaining) - held)
+        return total
+
+    def pending_blocks(self) -> int:
+        """Growth headroom promised to pending grants (their blocks are already held)."""
+        return sum(max(0, self._horizon_blocks(g.prompt_len + 1, g.max_tokens - 1)
+                       - len(g.block_ids)) for g in self._live())
+
+    def needed_blocks(self, prompt_len: int, max_tokens: int, cached: list[int]) -> int:
+        revived = sum(1 for b in cached if self.bm.ref_counts[b] == 0)
+        return (self._horizon_blocks(prompt_len + 1, max_tokens - 1) - len(cached) + revived)
+
+    def headroom(self) -> int:
+        return self.bm.num_free_blocks - self.reserved_blocks() - self.pending_blocks()
+
+    def _live(self):
+        return (g for g in self.grants.values()
+                if g.state in (GrantState.PENDING, GrantState.LOADING))
+
+    def num_seats_taken(self) -> int:
+        return len(self.scheduler.requests) + sum(1 for _ in self._live())
+
+    # ------------------------------------------------------------------ admission
+    def offer(self, msg: AllocRequest, src: str) -> GrantRecord | None:
+        """Try to grant ``msg`` now; if it cannot be granted now, queue it (FIFO) and return
+        None. Raises ValueError when it can never be granted on this instance."""
+        total = self.bm.blocks_for(msg.prompt_len + msg.max_tokens)
+        if total > self.bm.num_blocks:
+            raise ValueError(f"needs {total} blocks, the decode pool has {self.bm.num_blocks}")
+        if msg.req_id in self.by_req:
+            raise ValueError(f"request {msg.req_id} already holds a grant")
+        now = self.clock()
+        if not self.waiting_allocs:
+            grant = self._try_grant(msg, src, now)
+            if grant is not None:
+                return grant
+        if len(self.waiting_allocs) >= self.max_pending_allocs:
+            raise ValueError("decode admission queue is full")
+        self.waiting_allocs.append(PendingAlloc(msg, src, now + msg.timeout_s, now))
+        self.counters["deferred"] += 1
+        return None
+
+    def retry_waiting(self) -> tuple[list[GrantRecord], list[PendingAlloc]]:
+        """Grant queued requests in order while headroom lasts; return (granted, timed out)."""
+        granted, timed_out = [], []
+        now = self.clock()
+        while self.waiting_allocs:
+            head = self.waiting_allocs[0]
+            if now >= head.deadline:
+                timed_out.append(self.waiting_allocs.popleft())
+                self.counters["rejected"] += 1
+                continue
+            grant = self._try_grant(head.msg, head.src, now)
+            if grant is None:
+                break
+            self.waiting_allocs.popleft()
+            granted.append(grant)
+        return granted, timed_out
+
+    def cancel_waiting(self, req_id: str) -> bool:
+        for p in self.waiting_allocs:
+            if p.msg.req_id == req_id:
+                self.waiting_allocs.remove(p)           # rare (aborts), queue is bounded
+                return True
+        return False
+
+    def _try_grant(self, msg: AllocRequest, src: str, now: float) -> GrantRecord | None:
+        if self.num_seats_taken() >= self.scheduler.max_num_seqs:
+            return None
+        cached = self.bm.match_prefix(msg.block_hashes, msg.prompt_len, record=False)
+        if self.headroom() < self.needed_blocks(msg.prompt_len, msg.max_tokens, cached):
+            return None
+        grant_id = f"{next(self._ids)}"
+        grant = GrantRecord(grant_id, msg.req_id, src, msg.reply_to, msg.prompt_len,
+                            msg.max_tokens, [], len(cached), now + self.grant_ttl)
+        if not self.bm.allocate(grant.owner, msg.prompt_len + 1, cached):
+            raise LedgerError("headroom said yes but the pool said no")
+        grant.block_ids = list(self.bm.owned(grant.owner))
+        self.bm.record_query(msg.prompt_len, len(cached))
+        self.grants[grant_id] = grant
+        self.by_req[msg.req_id] = grant_id
+        self.counters["granted"] += 1
+        return grant
+
+    # ------------------------------------------------------------------ transfer
+    def receive(self, grant_id: str, first: int, count: int) -> list[int] | None:
+        """KV for grant-relative blocks ``first..first+count-1`` arrived: the block ids to
+        write it into, or None if the grant is unknown/expired or the range is invalid (the
+        KV is dropped and counted, never written)."""
+        g = self.grants.get(grant_id)
+        if (g is None or g.state not in (GrantState.PENDING, GrantState.LOADING)
+                or first < g.cached_blocks or count < 1 or first + count > len(g.block_ids)):
+            self.counters["stale_kv"] += 1
+            return None
+        g.state = GrantState.LOADING
+        g.received.update(range(first, first + count))
+        return g.block_ids[first:first + count]
+
+    def commit(self, grant_id: str, num_blocks_sent: int) -> GrantRecord:
+        """All KV arrived: the grant's blocks now belong to the request (caller adopts it)."""
+        g = self.grants.get(grant_id)
+        if g is None or g.state not in (GrantState.PENDING, GrantState.LOADING):
+            raise KeyError(f"grant {grant_id} is not live")
+        if num_blocks_sent != g.num_expected or len(g.received) != g.num_expected:
+            raise ValueError(f"grant {grant_id}: got {len(g.received)} of {g.num_expected} "
+                             f"blocks (sender says {num_blocks_sent})")
+        g.state = GrantState.COMMITTED
+        self._forget(g)
+        self.counters["committed"] += 1
+        return g
+
+    def release(self, grant_id: str, expired: bool = False) -> GrantRecord | None:
+        """Free a live grant's blocks (abort, failed transfer, or lease expiry)."""
+        g = self.grants.get(grant_id)
+        if g is None or g.state not in (GrantState.PENDING, GrantState.LOADING):
+            return None
+        self.bm.free(g.owner)
+        g.state = GrantState.EXPIRED if expired else GrantState.RELEASED
+        self._forget(g)
+        self.counters["expired" if expired else "released"] += 1
+        return g
+
+    def expire(self) -> list[GrantRecord]:
+        now = self.clock()
+        late = [g.grant_id for g in self._live() if now >= g.expires_at]
+        return [g for gid in late if (g := self.release(gid, expired=True)) is not None]
+
+    def grant_for(self, req_id: str) -> GrantRecord | None:
+        gid = self.by_req.get(req_id)
+        return self.grants.get(gid) if gid is not None else None
+
+    def _forget(self, g: GrantRecord) -> None:
+        del self.grants[g.grant_id]
+        self.by_req.pop(g.req_id, None)
+
+    # ------------------------------------------------------------------ invariants
+    def check(self) -> None:
+        """Raise LedgerError unless every used block has exactly the owners we think."""
+        self.scheduler.bm.check_integrity()
+        owners = set(self.bm.owners())
+        expected = ({g.owner for g in self._live()}
+                    | {r.request_id for r in self.scheduler.running})
+        extra = owners - expected - set(self.external_owners())
+        if extra or (expected - owners):
+            raise LedgerError(f"block owners {sorted(owners)} != live grants and running "
+                              f"requests {sorted(expected)}")
+
+    def external_owners(self) -> list[str]:
+        """Owners outside the ledger's view (in-flight KV-store work registers here later)."""
+        return []
+
+    def is_quiescent(self) -> bool:
+        return not self.grants and not self.waiting_allocs and self.reserved_blocks() == 0
+
+    def snapshot(self) -> dict:
+        return {
+            "total_blocks": self.bm.num_blocks,
+            "free_blocks": self.bm.num_free_blocks,
+            "used_blocks": self.bm.num_used_blocks,
+            "reserved_blocks": self.reserved_blocks(),
+            "pending_grants": sum(1 for _ in self._live()),
+            "pending_grant_blocks": sum(len(g.block_ids) for g in self._live()),
+            "pending_reserved_blocks": self.pending_blocks(),
+            "waiting_allocs": len(self.waiting_allocs),
+            "headroom_blocks": self.headroom(),
+            "reserve_horizon": self.horizon,
+            **{f"grants_{k}": v for k, v in self.counters.items()},
+        }

@@ -1,0 +1,212 @@
+"""Sockets, owned by one IO thread per process (DESIGN 6).
+
+Each process has an inbox (a ROUTER bound to its address) and one DEALER per peer it sends to.
+Only the IO thread touches them. Other threads send through a thread-local inproc PUSH into the
+IO thread (zero-copy: the frames are handed over, not copied) and receive from a queue, so the
+engine loop never blocks on a socket.
+
+Buffer lifetime: frames passed to ``send`` are sent with ``copy=False``; pyzmq keeps a
+reference to each buffer until libzmq has sent it, so a caller must not *modify* a buffer after
+handing it over (``StagingPool`` recycles buffers only after their send completed). Received
+extra frames alias zmq's receive buffers; consumers copy them once into their destination.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import zmq
+
+from fdpd.pd.protocol import Codec, Envelope, Error, Message, ProtocolError, decode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Inbound:
+    envelope: Envelope
+    frames: list[zmq.Frame]
+
+    @property
+    def msg(self) -> Message:
+        return self.envelope.msg
+
+
+@dataclass
+class TransportStats:
+    received: int = 0
+    sent: int = 0
+    malformed: int = 0
+    stale_epoch: int = 0
+    send_failed: int = 0
+    by_reason: collections.Counter = field(default_factory=collections.Counter)
+
+
+class Transport:
+    def __init__(self, identity: str, epoch: int, bind: str = "tcp://127.0.0.1:0", *,
+                 on_message: Callable[[Inbound], None] | None = None, hwm: int = 10000):
+        self.identity = identity
+        self.epoch = epoch
+        self.codec = Codec(identity, epoch)
+        self.stats = TransportStats()
+        self._bind = bind
+        self._hwm = hwm
+        self._on_message = on_message
+        self._inbound: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
+        self._ctx = zmq.Context()
+        self._ctl = f"inproc://fdpd-transport-{id(self)}"
+        self._local = threading.local()
+        self._peer_epochs: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.address = ""
+        self._thread = threading.Thread(target=self._run, name=f"io-{identity}", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("transport IO thread did not start")
+        if self._error is not None:
+            raise self._error
+
+    # ----------------------------------------------------------------- any thread
+    def send(self, address: str, msg: Message, frames: Sequence = ()) -> None:
+        """Queue ``msg`` (plus raw ``frames``) for ``address``. Never blocks on the network."""
+        push = getattr(self._local, "push", None)
+        if push is None:
+            push = self._ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 0)
+            push.connect(self._ctl)
+            self._local.push = push
+        push.send_multipart([address.encode(), self.codec.encode(msg), *frames], copy=False)
+
+    def recv(self, timeout: float | None = None) -> Inbound | None:
+        try:
+            return self._inbound.get(timeout=timeout) if timeout else self._inbound.get_nowait()
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._ctx.destroy(linger=0)
+
+    # ----------------------------------------------------------------- IO thread
+    def _run(self) -> None:
+        try:
+            inbox = self._ctx.socket(zmq.ROUTER)
+            inbox.setsockopt(zmq.LINGER, 0)
+            inbox.setsockopt(zmq.RCVHWM, self._hwm)
+            inbox.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            inbox.bind(self._bind)
+            self.address = inbox.getsockopt_string(zmq.LAST_ENDPOINT)
+            ctl = self._ctx.socket(zmq.PULL)
+            ctl.setsockopt(zmq.LINGER, 0)
+            ctl.bind(self._ctl)
+        except BaseException as e:  # surfaced to the constructor
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        poller = zmq.Poller()
+        poller.register(inbox, zmq.POLLIN)
+        poller.register(ctl, zmq.POLLIN)
+        dealers: dict[str, zmq.Socket] = {}
+        try:
+            while not self._stop.is_set():
+                for sock, _ in poller.poll(100):
+                    # Drain a bounded batch per socket so no source starves the others.
+                    for _ in range(256):
+                        try:
+                            parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        if sock is ctl:
+                            self._forward(parts, dealers, poller)
+                        elif sock is inbox:
+                            self._deliver(parts[1:], lambda reply, ident=parts[0]:
+                                          inbox.send_multipart([ident, reply], zmq.NOBLOCK))
+                        else:
+                            self._deliver(parts, lambda reply, s=sock:
+                                          s.send(reply, zmq.NOBLOCK))
+        finally:
+            for s in (inbox, ctl, *dealers.values()):
+                s.close(0)
+
+    def _forward(self, parts: list[zmq.Frame], dealers: dict[str, zmq.Socket],
+                 poller: zmq.Poller) -> None:
+        address = parts[0].bytes.decode()
+        sock = dealers.get(address)
+        if sock is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, self._hwm)
+            sock.connect(address)
+            dealers[address] = sock
+            poller.register(sock, zmq.POLLIN)     # errors about our messages come back here
+        try:
+            sock.send_multipart(parts[1:], zmq.NOBLOCK, copy=False)
+            self.stats.sent += 1
+        except zmq.Again:
+            self.stats.send_failed += 1
+            log.warning("send queue to %s is full; message dropped", address)
+
+    def _deliver(self, parts: list[zmq.Frame], reply: Callable[[bytes], None]) -> None:
+        try:
+            env = decode(parts[0].buffer)
+        except ProtocolError as e:
+            self.stats.malformed += 1
+            self.stats.by_reason["malformed"] += 1
+            log.warning("dropped malformed message: %s", e)
+            try:
+                reply(self.codec.encode(Error("malformed", str(e))))
+            except zmq.ZMQError:
+                pass
+            return
+        known = self._peer_epochs.get(env.src)
+        if known is not None and env.epoch < known:
+            self.stats.stale_epoch += 1
+            log.info("dropped %s from a previous epoch of %s", env.msg.TYPE, env.src)
+            return
+        self._peer_epochs[env.src] = env.epoch
+        self.stats.received += 1
+        inbound = Inbound(env, parts[1:])
+        if self._on_message is not None:
+            self._on_message(inbound)
+        else:
+            self._inbound.put(inbound)
+
+
+class StagingPool:
+    """Reusable host buffers for outgoing KV. A buffer returns to the pool only after zmq
+    reports (via ``MessageTracker``) that the frame built on it was sent, so a buffer is never
+    overwritten while libzmq may still read it."""
+
+    def __init__(self, max_buffers: int = 8):
+        self._free: dict[int, list] = collections.defaultdict(list)
+        self._busy: list[tuple[zmq.MessageTracker, int, object]] = []
+        self._max = max_buffers
+
+    def get(self, nbytes: int, make: Callable[[int], object]) -> object:
+        self._reclaim()
+        free = self._free[nbytes]
+        return free.pop() if free else make(nbytes)
+
+    def frame(self, nbytes: int, buf: object, view: memoryview) -> zmq.Frame:
+        frame = zmq.Frame(view, copy=False, track=True)
+        self._busy.append((frame.tracker, nbytes, buf))
+        return frame
+
+    def _reclaim(self) -> None:
+        still = []
+        for tracker, nbytes, buf in self._busy:
+            if tracker.done:
+                if sum(len(v) for v in self._free.values()) < self._max:
+                    self._free[nbytes].append(buf)
+            else:
+                still.append((tracker, nbytes, buf))
+        self._busy = still
