@@ -82,3 +82,49 @@ class EngineConfig:
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class PDConfig:
+    """Disaggregation knobs shared by router, prefill and decode."""
+
+    reserve_tokens: int = _opt(256, "Reserve horizon H: decode keeps room for every running "
+                               "request to grow by min(remaining, H) tokens before granting.")
+    grant_ttl: float = _opt(30.0, "Seconds a decode grant (lease) lives without its KV "
+                            "transfer completing; then its blocks are freed.")
+    transfer_timeout: float = _opt(30.0, "Seconds a prefill waits for a decode's grant or "
+                                   "reject, and a decode queues a request it cannot grant yet.")
+    request_timeout: float = _opt(600.0, "Seconds a request may take end to end.")
+    heartbeat_interval: float = _opt(0.5, "Seconds between instance heartbeats to the router.")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reserve_tokens, int) or self.reserve_tokens < 0:
+            raise ConfigError("reserve_tokens", f"must be an integer >= 0, got "
+                              f"{self.reserve_tokens!r}")
+        for name in ("grant_ttl", "transfer_timeout", "request_timeout", "heartbeat_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(name, f"must be a positive number of seconds, got {value!r}")
+
+
+ROLES = ("router", "prefill", "decode", "mixed")
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    """Where an instance listens and whom it reports to."""
+
+    role: str = _opt("mixed", "prefill, decode, mixed or router.")
+    host: str = _opt("127.0.0.1", "Address to bind (loopback unless told otherwise).")
+    port: int = _opt(0, "Port of the instance's ZMQ inbox (router: the HTTP port); 0 = any.")
+    router: str | None = _opt(None, "The router's control address HOST:PORT (instances "
+                              "register there).")
+    instance_id: str | None = _opt(None, "Stable name of this instance (default: role@address).")
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ConfigError("role", f"must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if not isinstance(self.port, int) or not 0 <= self.port < 65536:
+            raise ConfigError("port", f"must be 0..65535, got {self.port!r}")
+        if self.router is not None and ":" not in self.router:
+            raise ConfigError("router", f"expected HOST:PORT, got {self.router!r}")

@@ -65,6 +65,8 @@ class TextStream:
             return ""
         before = len(self.text)
         self.text += self._detok.add(list(token_ids))
+        if finished:
+            self.text += self._detok.flush()       # bytes held back for a character to finish
         stops = self.params.stop
         if stops and self.stop_reason is None:
             # A new match must end inside the new text; search only where it could start.

@@ -3,8 +3,8 @@
 ``make_checkpoint`` writes a directory that ``fdpd.model.loader.load_model``,
 ``fdpd.model.reference.ReferenceModel`` (via ``checkpoint_state_dict``) and
 ``transformers.AutoModelForCausalLM.from_pretrained`` all load, so exactness tests can compare
-the three. Weights use the tiny model's init (``seeded_state_dict``): a pure function of the
-shapes and ``seed``, scaled so greedy decoding has clear winners.
+the three. The small test shapes live here; the writing (seeded weights, shards, index) is
+``fdpd.model.synthetic.write_checkpoint``.
 
 Typical use::
 
@@ -22,13 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from fdpd.model.config import ModelConfig
-from fdpd.model.tiny import seeded_state_dict
+from fdpd.model.synthetic import ARCHITECTURES, write_checkpoint
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "mistral": "MistralForCausalLM"}
 BOS, EOS = 1, 2
 # Sentences the test BPE tokenizer is trained on: ASCII, accents, CJK and emoji, so that some
 # characters span several byte-level tokens.
@@ -81,14 +79,9 @@ def make_checkpoint(tmp_dir: str | Path, arch: str, dtype: str = "float32", shar
         raise ValueError(f"shards: must be >= 1, got {shards}")
     cfg = base_config(arch, dtype=dtype, tie=tie, **overrides)
     label = hashlib.sha256(repr(sorted(overrides.items())).encode()).hexdigest()[:8]
-    out = Path(tmp_dir) / f"{arch}-{dtype}-s{shards}-t{int(tie)}-seed{seed}-{label}"
-    out.mkdir(parents=True, exist_ok=True)
-    hf = cfg.to_hf()
-    (out / "config.json").write_text(json.dumps(hf, indent=2, default=list))
-    torch_dtype = getattr(torch, dtype)
-    weights = {k: v.to(torch_dtype).contiguous()
-               for k, v in seeded_state_dict(cfg, seed).items()}
-    _write_weights(out, weights, shards)
+    name = f"{arch}-{dtype}-s{shards}-t{int(tie)}-seed{seed}-tok{int(tokenizer)}-{label}"
+    out = Path(tmp_dir) / name
+    write_checkpoint(out, cfg, seed=seed, shards=shards)
     if tokenizer:
         make_bpe_tokenizer(min(cfg.vocab_size, 400)).save(str(out / "tokenizer.json"))
         (out / "tokenizer_config.json").write_text(json.dumps(
@@ -117,20 +110,3 @@ def make_bpe_tokenizer(vocab_size: int = 400):
                                   show_progress=False)
     tok.train_from_iterator(BPE_CORPUS, trainer)
     return tok
-
-
-def _write_weights(out: Path, weights: dict[str, torch.Tensor], shards: int) -> None:
-    if shards == 1:
-        save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-        return
-    names = list(weights)
-    per_shard = -(-len(names) // shards)
-    weight_map: dict[str, str] = {}
-    for i in range(shards):
-        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: weights[n] for n in names[i * per_shard:(i + 1) * per_shard]}
-        save_file(part, str(out / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, file))
-    total = sum(t.numel() * t.element_size() for t in weights.values())
-    (out / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

@@ -98,8 +98,10 @@ class Engine:
 
     # ---------------------------------------------------------------- requests in and out
     def make_request(self, request_id: str, prompt_token_ids: Sequence[int],
-                     params: SamplingParams, priority: int = 0) -> Request:
-        """Validate and build a request without admitting it."""
+                     params: SamplingParams, priority: int = 0, *, seed: int | None = None,
+                     max_tokens: int | None = None) -> Request:
+        """Validate and build a request without admitting it. ``seed``/``max_tokens`` override
+        the values derived from ``params`` (the router fixes them for P and D alike)."""
         if not isinstance(params, SamplingParams):
             raise RequestError("sampling_params", f"expected SamplingParams, got "
                                f"{type(params).__name__}")
@@ -119,12 +121,17 @@ class Engine:
         if params.max_tokens is not None and n + params.max_tokens > limit:
             raise RequestError("max_tokens", f"prompt ({n} tokens) + max_tokens "
                                f"({params.max_tokens}) exceeds max_model_len ({limit})")
-        max_tokens = params.max_tokens if params.max_tokens is not None else limit - n
+        if max_tokens is None:
+            max_tokens = params.max_tokens if params.max_tokens is not None else limit - n
+        elif not 1 <= max_tokens <= limit - n:
+            raise RequestError("max_tokens", f"{max_tokens} does not fit: prompt has {n} "
+                               f"tokens, max_model_len is {limit}")
         need = self.block_manager.blocks_for(n + max_tokens)
         if need > self.block_manager.num_blocks:
             raise RequestError("max_tokens", f"prompt + max_tokens needs {need} KV blocks but "
                                f"the pool has {self.block_manager.num_blocks}")
-        seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+        if seed is None:
+            seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         return Request(request_id, tuple(ids), params, max_tokens=max_tokens, seed=seed,
                        eos_token_ids=self.eos_token_ids, priority=priority)
 

@@ -161,23 +161,24 @@ class Sampler:
         idx = torch.tensor(index, device=dev)
         sub = logits[idx]
         outputs = [self._ids(r.output_token_ids) for r in rows]
-        rep = torch.tensor([r.params.repetition_penalty for r in rows], device=dev)
-        if bool((rep != 1.0).any()):
+        # One host->device copy for the per-row scalars; the any() checks stay on the host so the
+        # step does not wait for the device.
+        params = [(r.params.repetition_penalty, r.params.frequency_penalty,
+                   r.params.presence_penalty) for r in rows]
+        table = torch.tensor(params, dtype=torch.float32, device=dev)
+        if any(rep != 1.0 for rep, _, _ in params):
             seen_ids = [torch.cat([self._ids(r.prompt_token_ids), o]) for r, o in zip(rows, outputs)]
             seen = torch.zeros(n, vocab, dtype=torch.bool, device=dev)
             seen[self._scatter_index(seen_ids)] = True
             # A row with penalty 1 divides/multiplies by exactly 1: unchanged, bit for bit.
-            rep = rep.unsqueeze(1)
+            rep = table[:, 0:1]
             sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-        freq = torch.tensor([r.params.frequency_penalty for r in rows], device=dev)
-        presence = torch.tensor([r.params.presence_penalty for r in rows], device=dev)
-        if bool((freq != 0).any() or (presence != 0).any()):
+        if any(freq != 0.0 or presence != 0.0 for _, freq, presence in params):
             counts = torch.zeros(n, vocab, dtype=torch.float32, device=dev)
             rows_i, toks = self._scatter_index(outputs)
             counts.index_put_((rows_i, toks), torch.ones_like(toks, dtype=torch.float32),
                               accumulate=True)
-            sub = (sub - freq.unsqueeze(1) * counts
-                   - presence.unsqueeze(1) * (counts > 0).to(torch.float32))
+            sub = sub - table[:, 1:2] * counts - table[:, 2:3] * (counts > 0).to(torch.float32)
         logits[idx] = sub
 
     def _apply_min_tokens(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
@@ -198,26 +199,29 @@ class Sampler:
                        index: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
         dev, vocab = self.device, processed.shape[1]
         x = processed[index]  # a copy: the in-place steps below never touch the caller's logits
-        temperature = torch.tensor([r.params.temperature for r in rows], device=dev)
-        # Subtracting the row max first keeps x <= 0 with the best token at exactly 0: a tiny
-        # temperature cannot overflow, and exp(x) needs no normalisation.
-        x.sub_(x.amax(dim=-1, keepdim=True)).div_(temperature.unsqueeze(1))
         top_k = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in rows]
         top_p = [r.params.top_p for r in rows]
-        if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
-            x = self._top_k_top_p(x, top_k, top_p)
         min_p = [r.params.min_p for r in rows]
+        # One host->device copy for every per-row scalar (float64 holds ints < 2**53 exactly).
+        table = torch.tensor(
+            [(r.params.temperature, k, p, m, uniform_for(r.seed, r.position))
+             for r, k, p, m in zip(rows, top_k, top_p, min_p)],
+            dtype=torch.float64, device=dev)
+        # Subtracting the row max first keeps x <= 0 with the best token at exactly 0: a tiny
+        # temperature cannot overflow, and exp(x) needs no normalisation.
+        x.sub_(x.amax(dim=-1, keepdim=True)).div_(table[:, 0:1].to(torch.float32))
+        if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
+            x = self._top_k_top_p(x, top_k, top_p, table[:, 1:2].long(),
+                                  table[:, 2:3].to(torch.float32))
         if any(m > 0 for m in min_p):
             # p_i / p_max = exp(x_i) since the best token sits at 0 (top-k/top-p always keep it),
             # so "p_i < min_p * p_max" is "x_i < log(min_p)"; log(0) = -inf masks nothing.
-            log_min_p = torch.tensor(min_p, device=dev).log().unsqueeze(1)
-            x.masked_fill_(x < log_min_p, -torch.inf)
+            x.masked_fill_(x < table[:, 3:4].to(torch.float32).log(), -torch.inf)
         # Unnormalised weights and their float64 running sum: monotone, so a token of weight 0
         # (masked) owns an empty interval and is never picked.
         cdf = x.to(torch.float64).exp_().cumsum_(dim=-1)
         total = cdf[:, -1:]
-        u = torch.tensor([uniform_for(r.seed, r.position) for r in rows], dtype=torch.float64,
-                         device=dev)
+        u = table[:, 4]
         picked = torch.searchsorted(cdf, u.unsqueeze(1) * total, right=True)
         # u * total can round up to total; then nothing is > target and the index runs off the end.
         picked.clamp_(max=vocab - 1)
@@ -227,18 +231,19 @@ class Sampler:
         usable = torch.isfinite(total) & (total > 0) & (upper.squeeze(1) > lower.squeeze(1))
         return torch.where(usable, picked.squeeze(1), fallback)
 
-    def _top_k_top_p(self, x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    def _top_k_top_p(self, x: torch.Tensor, top_k: list[int], top_p: list[float],
+                     k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """Mask x (in place) to the top-k, then the top-p nucleus, of each row.
 
         Cuts are thresholds on values, never on sorted positions: a token tied with the last kept
-        one is kept too, so the result does not depend on how a sort orders ties. A full-vocab
+        one is kept too, so the result does not depend on how a sort orders ties. ``top_k`` and
+        ``top_p`` are the host copies of ``k`` and ``p`` ([R, 1] on the device). A full-vocab
         sort is slow (seconds on CPU for a 128k vocab batch), so the nucleus is looked for among
         the best ``_TOP_P_CANDIDATES`` values and only rows whose nucleus is wider get a sort.
         """
         dev, vocab = self.device, x.shape[1]
         limited = [k for k in top_k if k < vocab]
         if limited:
-            k = torch.tensor(top_k, device=dev).unsqueeze(1)
             best = x.topk(max(limited), dim=-1).values
             kth = best.gather(1, k.clamp(max=best.shape[1]) - 1)
             x.masked_fill_((x < kth) & (k < vocab), -torch.inf)
@@ -247,7 +252,7 @@ class Sampler:
             return x
         index = torch.tensor(nucleus, device=dev)
         sub = x[index]
-        p = torch.tensor([top_p[i] for i in nucleus], device=dev).unsqueeze(1)
+        p = p[index]
         # x <= 0 with the best token at 0, so exp cannot overflow and the sum is >= 1.
         total = sub.exp().sum(dim=-1, keepdim=True)
         values = sub.topk(min(vocab, _TOP_P_CANDIDATES), dim=-1).values

@@ -29,7 +29,9 @@ class PrefillSpan:
     # Cache slots of every key it attends to, [start + num_new]; None when start == 0 (the
     # chunk attends only to itself, straight from the fresh K/V).
     key_slots: torch.Tensor | None
-    mask: torch.Tensor | None     # [num_new, start+num_new] bool; None means plain causal
+    # [num_new, start+num_new] bool, True where visible. Required when start > 0; None (only
+    # with start == 0) means plain causal over the chunk.
+    mask: torch.Tensor | None
 
 
 @dataclass

@@ -163,13 +163,13 @@ class IncrementalDetokenizer:
             context = []     # a prompt ending mid-character would swallow the output's bytes
         self._window = context          # ids[prefix_offset:], the only ids still decoded
         self._read = len(context)       # window[:read] is already emitted as text
-        self._parts: list[str] = []
+        self._text = ""
         self.num_output_tokens = 0
 
     @property
     def text(self) -> str:
         """All output text emitted so far (held-back text excluded)."""
-        return "".join(self._parts)
+        return self._text
 
     def add(self, new_token_ids: Sequence[int]) -> str:
         """Append tokens; return the newly completed text (possibly empty)."""
@@ -193,7 +193,7 @@ class IncrementalDetokenizer:
         # The emitted window becomes the next prefix: it gives the next tokens their context.
         del self._window[:self._read]
         self._read = len(self._window)
-        self._parts.append(delta)
+        self._text += delta
         return delta
 
     def _decode(self, ids: Sequence[int]) -> str:

@@ -50,7 +50,9 @@ class GrantRecord:
     max_tokens: int
     block_ids: list[int]
     cached_blocks: int
+    num_kv_blocks: int                                   # blocks holding prompt KV
     expires_at: float
+    msg: AllocRequest | None = None
     state: GrantState = GrantState.PENDING
     received: set[int] = field(default_factory=set)     # grant-relative block indices
     created_at: float = field(default_factory=time.monotonic)
@@ -61,13 +63,16 @@ class GrantRecord:
 
     @property
     def num_expected(self) -> int:
-        return len(self.block_ids) - self.cached_blocks
+        """Blocks P must send: the prompt's blocks past the ones D already had cached. (The
+        grant holds one more block when the first generated token starts a new block.)"""
+        return self.num_kv_blocks - self.cached_blocks
 
 
 @dataclass
 class PendingAlloc:
     msg: AllocRequest
     src: str
+    block_hashes: list[bytes]
     deadline: float
     enqueued_at: float
 
@@ -125,7 +130,8 @@ class ReservationLedger:
         return len(self.scheduler.requests) + sum(1 for _ in self._live())
 
     # ------------------------------------------------------------------ admission
-    def offer(self, msg: AllocRequest, src: str) -> GrantRecord | None:
+    def offer(self, msg: AllocRequest, src: str, block_hashes: list[bytes]
+              ) -> GrantRecord | None:
         """Try to grant ``msg`` now; if it cannot be granted now, queue it (FIFO) and return
         None. Raises ValueError when it can never be granted on this instance."""
         total = self.bm.blocks_for(msg.prompt_len + msg.max_tokens)
@@ -135,12 +141,13 @@ class ReservationLedger:
             raise ValueError(f"request {msg.req_id} already holds a grant")
         now = self.clock()
         if not self.waiting_allocs:
-            grant = self._try_grant(msg, src, now)
+            grant = self._try_grant(msg, src, block_hashes, now)
             if grant is not None:
                 return grant
         if len(self.waiting_allocs) >= self.max_pending_allocs:
             raise ValueError("decode admission queue is full")
-        self.waiting_allocs.append(PendingAlloc(msg, src, now + msg.timeout_s, now))
+        self.waiting_allocs.append(PendingAlloc(msg, src, block_hashes, now + msg.timeout_s,
+                                                now))
         self.counters["deferred"] += 1
         return None
 
@@ -154,7 +161,7 @@ class ReservationLedger:
                 timed_out.append(self.waiting_allocs.popleft())
                 self.counters["rejected"] += 1
                 continue
-            grant = self._try_grant(head.msg, head.src, now)
+            grant = self._try_grant(head.msg, head.src, head.block_hashes, now)
             if grant is None:
                 break
             self.waiting_allocs.popleft()
@@ -168,15 +175,17 @@ class ReservationLedger:
                 return True
         return False
 
-    def _try_grant(self, msg: AllocRequest, src: str, now: float) -> GrantRecord | None:
+    def _try_grant(self, msg: AllocRequest, src: str, block_hashes: list[bytes],
+                   now: float) -> GrantRecord | None:
         if self.num_seats_taken() >= self.scheduler.max_num_seqs:
             return None
-        cached = self.bm.match_prefix(msg.block_hashes, msg.prompt_len, record=False)
+        cached = self.bm.match_prefix(block_hashes, msg.prompt_len, record=False)
         if self.headroom() < self.needed_blocks(msg.prompt_len, msg.max_tokens, cached):
             return None
         grant_id = f"{next(self._ids)}"
         grant = GrantRecord(grant_id, msg.req_id, src, msg.reply_to, msg.prompt_len,
-                            msg.max_tokens, [], len(cached), now + self.grant_ttl)
+                            msg.max_tokens, [], len(cached),
+                            self.bm.blocks_for(msg.prompt_len), now + self.grant_ttl, msg)
         if not self.bm.allocate(grant.owner, msg.prompt_len + 1, cached):
             raise LedgerError("headroom said yes but the pool said no")
         grant.block_ids = list(self.bm.owned(grant.owner))
@@ -193,7 +202,7 @@ class ReservationLedger:
         KV is dropped and counted, never written)."""
         g = self.grants.get(grant_id)
         if (g is None or g.state not in (GrantState.PENDING, GrantState.LOADING)
-                or first < g.cached_blocks or count < 1 or first + count > len(g.block_ids)):
+                or first < g.cached_blocks or count < 1 or first + count > g.num_kv_blocks):
             self.counters["stale_kv"] += 1
             return None
         g.state = GrantState.LOADING

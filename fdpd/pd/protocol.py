@@ -139,14 +139,22 @@ class Reject(Message):
 
 @dataclass
 class AllocRequest(Message):
-    """prefill -> decode: ask for blocks for a prompt (P computes meanwhile)."""
+    """prefill -> decode: ask for blocks for a prompt (P computes meanwhile). D derives the
+    prompt's block hashes itself from the tokens and its own model fingerprint, so a peer can
+    never poison its prefix cache with foreign hashes."""
     TYPE: ClassVar[str] = "alloc_request"
     req_id: str
-    prompt_len: int
+    prompt_token_ids: list
+    params: dict
+    seed: int
     max_tokens: int
-    block_hashes: list         # chained hashes of the prompt's full blocks (bytes each)
     reply_to: str              # the prefill instance's inbox
+    router_reply_to: str       # where D sends the tokens
     timeout_s: float           # how long P will wait for the reply
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
 
 
 @dataclass
@@ -271,7 +279,7 @@ class Codec:
 def decode(frame: bytes | memoryview) -> Envelope:
     """Parse an envelope. Raises ProtocolError on anything malformed; never anything else."""
     try:
-        raw = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_buffer_size=16 * 2**20)
+        raw = msgpack.unpackb(frame, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises several unrelated types on garbage
         raise ProtocolError(f"undecodable envelope: {type(e).__name__}") from None
     if not isinstance(raw, dict):

@@ -36,7 +36,7 @@ CASES = {
     "llama3_rope": {"arch": "llama", "rope_scaling": LLAMA3_ROPE},
     "linear_rope": {"arch": "llama", "rope_scaling": {"rope_type": "linear", "factor": 4.0}},
     "sharded_hd32_kv1": {"arch": "llama", "shards": 3, "head_dim": 32, "num_key_value_heads": 1,
-                             "num_hidden_layers": 3},
+                         "num_hidden_layers": 3},
 }
 
 
@@ -104,7 +104,7 @@ def hf_logits(path, ids: list[int]) -> torch.Tensor:
 def test_paged_reference_and_transformers_agree(ckpt_dir, case):
     path = make_checkpoint(ckpt_dir, **CASES[case])
     loaded = load_model(str(path))
-    ref = ReferenceModel(loaded.config, checkpoint_state_{path}).logits(PROMPT)
+    ref = ReferenceModel(loaded.config, checkpoint_state_dict(path)).logits(PROMPT)
     ours = paged_logits(loaded, PROMPT)
     theirs = hf_logits(path, PROMPT)
     assert ours.shape == ref.shape == theirs.shape == (len(PROMPT), loaded.config.vocab_size)

@@ -153,8 +153,10 @@ def test_top_k_top_p_mask_matches_reference(vocab):
     x = torch.randn(6, vocab, generator=g) * torch.tensor([[0.01], [0.1], [1], [3], [8], [1]])
     x -= x.amax(-1, keepdim=True)
     settings = [(0, 0.9), (0, 0.99), (40, 0.5), (vocab - 1, 0.95), (5, 1.0), (2000, 0.999)]
-    got = Sampler(vocab)._top_k_top_p(x.clone(), [k if k > 0 else vocab for k, _ in settings],
-                                       [p for _, p in settings])
+    top_k = [k if k > 0 else vocab for k, _ in settings]
+    top_p = [p for _, p in settings]
+    got = Sampler(vocab)._top_k_top_p(x.clone(), top_k, top_p, torch.tensor(top_k)[:, None],
+                                       torch.tensor(top_p)[:, None])
     for i, (k, p) in enumerate(settings):
         assert torch.equal(got[i], reference_top_k_top_p(x[i], k, p)), (vocab, k, p)
 

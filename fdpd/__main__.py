@@ -1,0 +1,3 @@
+from fdpd.cli import main
+
+main()

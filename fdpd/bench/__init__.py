@@ -1,0 +1,1 @@
+"""Benchmarks behind ``fdpd bench``: each measures fdpd and a baseline side by side in one run."""

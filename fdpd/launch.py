@@ -1,0 +1,174 @@
+"""Process entry points: one engine instance, the router, and a whole local cluster (``up``).
+
+Every process ends cleanly on SIGTERM/SIGINT: instances stop their loop and close sockets; the
+router stops uvicorn; ``up`` terminates its children by pid, waits, then kills what is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fdpd.config import EngineConfig, InstanceConfig, PDConfig
+
+log = logging.getLogger(__name__)
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum, frame):
+        log.info("signal %d: shutting down", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def run_instance(engine_config: EngineConfig, pd: PDConfig, inst: InstanceConfig,
+                 torch_threads: int = 1) -> None:
+    import torch
+
+    from fdpd.engine.engine import Engine
+    from fdpd.pd.decode import DecodeService
+    from fdpd.pd.mixed import MixedService
+    from fdpd.pd.prefill import PrefillService
+
+    torch.set_num_threads(torch_threads)
+    services = {"prefill": PrefillService, "decode": DecodeService, "mixed": MixedService}
+    stop = _stop_on_signals()
+    engine = Engine(engine_config)
+    service = services[inst.role](engine, pd, inst)
+    # The readiness line the harness and operators wait for.
+    print(f"fdpd {inst.role} ready instance={service.instance_id} address={service.address}",
+          flush=True)
+    service.serve(stop)
+
+
+@dataclass(frozen=True)
+class FrontendModel:
+    """What the router needs of the model: no weights, just names, limits and the tokenizer."""
+
+    name: str
+    max_model_len: int
+    tokenizer: object | None
+    chat_template: str | None
+
+
+def load_frontend_model(model: str, max_model_len: int | None) -> FrontendModel:
+    from pathlib import Path
+
+    from fdpd.model.loader import read_model_config
+    from fdpd.model.tiny import TINY_CONFIG, tiny_tokenizer
+    from fdpd.model.tokenizer import load_tokenizer
+
+    if model == "tiny":
+        cfg, tok = TINY_CONFIG, tiny_tokenizer()
+    else:
+        path = Path(model)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model {model!r} is neither the built-in 'tiny' nor a directory "
+                             "containing config.json")
+        cfg = read_model_config(path)
+        tok = load_tokenizer(path, cfg.eos_token_ids, cfg.bos_token_id)
+    limit = cfg.max_position_embeddings
+    if cfg.sliding_window:
+        limit = min(limit, cfg.sliding_window)
+    return FrontendModel(model, min(limit, max_model_len or limit), tok,
+                         getattr(tok, "chat_template", None) if tok is not None else None)
+
+
+def run_router(model: str, pd: PDConfig, host: str, port: int, control_port: int | None,
+               api_key: str | None, max_model_len: int | None = None) -> None:
+    import asyncio
+
+    import uvicorn
+
+    from fdpd.router.app import create_app
+    from fdpd.router.core import RouterCore
+
+    front = load_frontend_model(model, max_model_len)
+    control = f"tcp://{host}:{control_port if control_port is not None else port + 1}"
+    core = RouterCore(model_name=front.name, tokenizer=front.tokenizer,
+                      chat_template=front.chat_template, max_model_len=front.max_model_len,
+                      pd=pd, control_address=control)
+    app = create_app(core, api_key=api_key)
+
+    async def main() -> None:
+        await core.start()
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                lifespan="off", timeout_graceful_shutdown=2)
+        server = uvicorn.Server(config)
+        print(f"fdpd router ready http=http://{host}:{port} control={core.control_address}",
+              flush=True)
+        try:
+            await server.serve()
+        finally:
+            await core.stop()
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------- fdpd up
+def launch_command(role: str, args: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "fdpd", "launch", "--role", role, *args]
+
+
+def run_cluster(*, num_prefill: int, num_decode: int, num_mixed: int, port: int, host: str,
+                common: Sequence[str], prefill_args: Sequence[str] = (),
+                decode_args: Sequence[str] = (), log_dir: str | None = None) -> int:
+    """Start router + instances as child processes; block until a signal or a child dies."""
+    control = port + 1
+    router_addr = f"{host}:{control}"
+    specs = [("router", ["--host", host, "--port", str(port), *common])]
+    specs += [("prefill", ["--host", host, "--router", router_addr, *common, *prefill_args])
+              for _ in range(num_prefill)]
+    specs += [("decode", ["--host", host, "--router", router_addr, *common, *decode_args])
+              for _ in range(num_decode)]
+    specs += [("mixed", ["--host", host, "--router", router_addr, *common])
+              for _ in range(num_mixed)]
+    stop = _stop_on_signals()
+    children: list[subprocess.Popen] = []
+    try:
+        for i, (role, args) in enumerate(specs):
+            out = None
+            if log_dir:
+                os.makedirs(log_dir, exist_ok=True)
+                out = open(os.path.join(log_dir, f"{i:02d}-{role}.log"), "ab")
+            children.append(subprocess.Popen(launch_command(role, args), stdout=out,
+                                             stderr=subprocess.STDOUT if out else None))
+        print(f"fdpd cluster: router + {num_prefill} prefill + {num_decode} decode + "
+              f"{num_mixed} mixed; OpenAI API at http://{host}:{port}/v1 "
+              f"(Ctrl-C to stop)", flush=True)
+        while not stop.is_set():
+            dead = [c for c in children if c.poll() is not None]
+            if dead:
+                log.error("a cluster process exited (pid %d, code %s); stopping the cluster",
+                          dead[0].pid, dead[0].returncode)
+                return 1
+            stop.wait(0.5)
+        return 0
+    finally:
+        terminate(children)
+
+
+def terminate(children: Sequence[subprocess.Popen], timeout: float = 10.0) -> None:
+    """SIGTERM each child by pid, wait up to ``timeout``, then SIGKILL the rest."""
+    for c in children:
+        if c.poll() is None:
+            c.terminate()
+    deadline = time.monotonic() + timeout
+    for c in children:
+        try:
+            c.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            c.kill()
+            c.wait()

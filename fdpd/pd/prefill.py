@@ -1,0 +1,196 @@
+"""The prefill role: compute the prompt's KV, sample the first token, ship both to decode.
+
+Per request: Submit (from the router) -> AllocRequest to the chosen decode, and the prompt is
+computed at once, without waiting for the grant. When both the grant and the first token are
+there, the KV of the blocks decode does not already hold is gathered once into a staging buffer,
+P's blocks are released (they stay in P's prefix cache), and the frames go out with
+``PrefillDone``. Every wait has a deadline; a refusal from decode goes back to the router.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from fdpd.engine.engine import RequestError, StepOutput
+from fdpd.engine.request import Request
+from fdpd.engine.scheduler import kv_owner
+from fdpd.pd import kv_codec
+from fdpd.pd.protocol import (
+    Abort,
+    AllocRequest,
+    Grant,
+    GrantExpired,
+    KVBlocks,
+    PrefillDone,
+    Reject,
+    Submit,
+    SubmitAck,
+    TransferResult,
+)
+from fdpd.pd.service import InstanceService
+from fdpd.pd.transport import Inbound
+
+log = logging.getLogger(__name__)
+
+# Frames are cut at this size so the decode side can start copying before the last one lands.
+MAX_FRAME_BYTES = 16 * 2**20
+
+
+@dataclass
+class PrefillJob:
+    req: Request
+    router: str
+    decode_id: str
+    decode_address: str
+    deadline: float
+    grant: Grant | None = None
+    result: StepOutput | None = None       # the step that sampled the first token
+
+
+class PrefillService(InstanceService):
+    role = "prefill"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.handlers.update({Submit: self.on_submit, Grant: self.on_grant,
+                              Reject: self.on_reject, GrantExpired: self.on_grant_expired,
+                              TransferResult: self.on_transfer_result})
+        self.jobs: dict[str, PrefillJob] = {}
+        self.peers: dict[str, str] = {}           # decode instance id -> inbox address
+        self.counters.update({"kv_bytes_sent": 0, "kv_blocks_sent": 0, "transfers": 0,
+                              "transfer_failures": 0, "grant_timeouts": 0})
+
+    def on_submit(self, inbound: Inbound) -> None:
+        msg: Submit = inbound.msg
+        if not msg.decode_address:
+            self.reject(msg.reply_to, msg.req_id, "a prefill instance needs a decode instance")
+            return
+        try:
+            req = self.build_request(msg, prefill_only=True)
+            self.engine.scheduler.add(req)
+        except (RequestError, ValueError) as e:
+            self.reject(msg.reply_to, msg.req_id, str(e))
+            return
+        timeout = min(msg.timeout_s, self.pd.transfer_timeout)
+        self.jobs[msg.req_id] = PrefillJob(req, msg.reply_to, msg.decode_id, msg.decode_address,
+                                           time.monotonic() + timeout)
+        self.peers[msg.decode_id] = msg.decode_address
+        self.send(msg.reply_to, SubmitAck(msg.req_id))
+        self.send(msg.decode_address, AllocRequest(
+            msg.req_id, msg.prompt_token_ids, msg.params, msg.seed, msg.max_tokens,
+            self.address, msg.reply_to, timeout))
+
+    def on_grant(self, inbound: Inbound) -> None:
+        msg: Grant = inbound.msg
+        job = self.jobs.get(msg.req_id)
+        if job is None or job.grant is not None:
+            # Late (we gave up) or duplicate: give the blocks back at once.
+            address = self.peers.get(inbound.envelope.src)
+            if address and job is None:
+                self.send(address, Abort(msg.req_id, "prefill no longer has this request"))
+            return
+        job.grant = msg
+        if job.result is not None:
+            self._ship(job)
+
+    def on_step(self, outputs: list[StepOutput]) -> None:
+        for out in outputs:
+            job = self.jobs.get(out.request_id)
+            if job is None:
+                continue
+            job.result = out
+            if job.grant is not None:
+                self._ship(job)
+
+    def _ship(self, job: PrefillJob) -> None:
+        """Send the KV decode lacks, then PrefillDone; release our copy."""
+        del self.jobs[job.req.request_id]
+        grant, out, req = job.grant, job.result, job.req
+        token = out.new_token_ids[0]
+        logprob = out.new_logprobs[0] if out.new_logprobs else None
+        kv_blocks_sent = 0
+        if out.finish_reason == "prefilled":
+            owner = kv_owner(req)
+            num_kv = self.engine.block_manager.blocks_for(req.num_prompt_tokens)
+            blocks = self.engine.block_manager.owned(owner)[grant.cached_blocks:num_kv]
+            try:
+                kv_blocks_sent = self._send_kv(job, blocks)
+            finally:
+                self.engine.block_manager.free(owner)
+        self.send(job.decode_address, PrefillDone(
+            grant.grant_id, req.request_id, token, logprob, kv_blocks_sent,
+            req.num_cached_tokens, finished=out.finish_reason != "prefilled",
+            finish_reason=None if out.finish_reason == "prefilled" else out.finish_reason,
+            stop_reason=out.stop_reason))
+        self.counters["transfers"] += 1
+
+    def _send_kv(self, job: PrefillJob, blocks: list[int]) -> int:
+        runner = self.engine.runner
+        per_block = runner.kv_cache[:, :, 0].numel() * runner.kv_cache.element_size()
+        step = max(1, MAX_FRAME_BYTES // per_block)
+        first = job.grant.cached_blocks
+        for i in range(0, len(blocks), step):
+            chunk = blocks[i:i + step]
+            # One gather into a fresh staging tensor; the frame references it until sent.
+            staged = runner.read_blocks(chunk)
+            self.send(job.decode_address, KVBlocks(
+                job.grant.grant_id, job.req.request_id, first + i, len(chunk),
+                kv_codec.DTYPE_NAMES[staged.dtype], list(staged.shape)),
+                [kv_codec.to_frame(staged)])
+            self.counters["kv_bytes_sent"] += staged.numel() * staged.element_size()
+        self.counters["kv_blocks_sent"] += len(blocks)
+        return len(blocks)
+
+    def on_reject(self, inbound: Inbound) -> None:
+        msg: Reject = inbound.msg
+        job = self.jobs.pop(msg.req_id, None)
+        if job is None:
+            return
+        self._drop(job)
+        self.send(job.router, Reject(msg.req_id, msg.reason, msg.retry_after,
+                                     origin=msg.origin or inbound.envelope.src))
+
+    def on_grant_expired(self, inbound: Inbound) -> None:
+        msg: GrantExpired = inbound.msg
+        job = self.jobs.pop(msg.req_id, None)
+        if job is not None:
+            self._drop(job)
+            self.send(job.router, Reject(msg.req_id, "decode grant expired before the KV "
+                                         "transfer finished", 0.0, origin=job.decode_id))
+
+    def on_transfer_result(self, inbound: Inbound) -> None:
+        msg: TransferResult = inbound.msg
+        if not msg.ok:
+            self.counters["transfer_failures"] += 1
+            log.warning("transfer of %s refused by decode: %s", msg.req_id, msg.reason)
+
+    def on_abort(self, inbound: Inbound) -> None:
+        msg: Abort = inbound.msg
+        job = self.jobs.pop(msg.req_id, None)
+        if job is None:
+            return
+        self._drop(job)
+        self.send(job.decode_address, Abort(msg.req_id, msg.reason))
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        late = [j for j in self.jobs.values() if j.grant is None and now >= j.deadline]
+        for job in late:
+            del self.jobs[job.req.request_id]
+            self.counters["grant_timeouts"] += 1
+            self._drop(job)
+            self.send(job.decode_address, Abort(job.req.request_id, "grant wait timed out"))
+            self.send(job.router, Reject(job.req.request_id, "decode did not answer in time",
+                                         0.0, origin=job.decode_id))
+
+    def _drop(self, job: PrefillJob) -> None:
+        """Forget a job's engine state: abort it if it still runs, free its held KV."""
+        self.engine.abort_request(job.req.request_id)
+        owner = kv_owner(job.req)
+        if owner in self.engine.block_manager.owners():
+            self.engine.block_manager.free(owner)
+
+    def load(self) -> dict:
+        return {**super().load(), "jobs": len(self.jobs)}

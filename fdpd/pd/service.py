@@ -1,0 +1,182 @@
+"""What every engine instance (prefill, decode, mixed) does around its engine: the loop,
+registration and heartbeats with the router, and message dispatch. Roles subclass this and
+differ only in their handlers and in what happens after a step (DESIGN 2)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import ClassVar
+
+from fdpd.config import InstanceConfig, PDConfig
+from fdpd.engine.engine import Engine, RequestError, StepOutput
+from fdpd.engine.request import Request
+from fdpd.pd.protocol import (
+    Abort,
+    Error,
+    Heartbeat,
+    Message,
+    Register,
+    RegisterAck,
+    Reject,
+    Submit,
+    Tokens,
+    new_epoch,
+)
+from fdpd.pd.transport import Inbound, Transport
+from fdpd.sampling_params import SamplingParams, SamplingParamsError
+
+log = logging.getLogger(__name__)
+
+
+class InstanceService:
+    role: ClassVar[str] = ""
+
+    def __init__(self, engine: Engine, pd: PDConfig, inst: InstanceConfig):
+        self.engine = engine
+        self.pd = pd
+        self.inst = inst
+        self.epoch = new_epoch()
+        self.transport = Transport("unbound", self.epoch, f"tcp://{inst.host}:{inst.port}")
+        self.instance_id = inst.instance_id or f"{self.role}@{self.transport.address[6:]}"
+        self.transport.codec.src = self.instance_id
+        self.router_address = f"tcp://{inst.router}" if inst.router else None
+        self.registered = False
+        self.counters: dict[str, int] = {"unexpected_messages": 0, "handler_errors": 0,
+                                         "rejected": 0}
+        self.handlers: dict[type[Message], Callable[[Inbound], None]] = {
+            RegisterAck: self._on_register_ack,
+            Error: self._on_error,
+            Abort: self.on_abort,
+        }
+        self._next_heartbeat = 0.0
+
+    @property
+    def address(self) -> str:
+        return self.transport.address
+
+    # ------------------------------------------------------------------ the loop
+    def serve(self, stop: threading.Event) -> None:
+        log.info("%s serving at %s (epoch %d)", self.instance_id, self.address, self.epoch)
+        try:
+            while not stop.is_set():
+                self.run_once()
+        finally:
+            self.close()
+
+    def run_once(self) -> None:
+        now = time.monotonic()
+        if self.router_address and now >= self._next_heartbeat:
+            self._heartbeat()
+            self._next_heartbeat = now + self.pd.heartbeat_interval
+        busy = self.engine.has_unfinished_requests()
+        # Idle: sleep in the socket queue until a message comes (bounded, for timers).
+        inbound = self.transport.recv(None if busy else 0.01)
+        while inbound is not None:
+            self._dispatch(inbound)
+            inbound = self.transport.recv()
+        self.tick()
+        if self.engine.has_unfinished_requests():
+            self.on_step(self.engine.step())
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def tick(self) -> None:
+        """Role timers (leases, deadlines). Called once per loop iteration."""
+
+    def on_step(self, outputs: list[StepOutput]) -> None:
+        """What the role does with one engine step's results."""
+
+    def on_abort(self, inbound: Inbound) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ dispatch
+    def _dispatch(self, inbound: Inbound) -> None:
+        handler = self.handlers.get(type(inbound.msg))
+        if handler is None:
+            self.counters["unexpected_messages"] += 1
+            log.warning("%s: unexpected %s from %s", self.instance_id, inbound.msg.TYPE,
+                        inbound.envelope.src)
+            return
+        try:
+            handler(inbound)
+        except Exception:
+            # A handler bug must not take the instance down; it is logged and counted, and
+            # the request it concerned fails through its deadline or the router's retry.
+            self.counters["handler_errors"] += 1
+            log.exception("%s: handling %s failed", self.instance_id, inbound.msg.TYPE)
+
+    def send(self, address: str, msg: Message, frames=()) -> None:
+        self.transport.send(address, msg, frames)
+
+    # ------------------------------------------------------------------ helpers for roles
+    def build_request(self, submit: Submit | object, *, prefill_only: bool = False) -> Request:
+        """A validated engine request from a Submit/AllocRequest (raises RequestError)."""
+        try:
+            params = SamplingParams.from_dict(submit.params)
+        except (SamplingParamsError, TypeError, ValueError) as e:
+            raise RequestError(getattr(e, "field", "params"), str(e)) from None
+        req = self.engine.make_request(submit.req_id, submit.prompt_token_ids, params,
+                                       seed=submit.seed, max_tokens=submit.max_tokens)
+        req.prefill_only = prefill_only
+        return req
+
+    def reject(self, address: str, req_id: str, reason: str, retry_after: float = 0.0) -> None:
+        self.counters["rejected"] += 1
+        self.send(address, Reject(req_id, reason, retry_after, origin=self.instance_id))
+
+    def tokens_message(self, out: StepOutput) -> Tokens:
+        return Tokens(out.request_id, out.new_token_ids, out.new_logprobs, out.finished,
+                      out.finish_reason, out.stop_reason, out.num_prompt_tokens,
+                      out.num_cached_tokens)
+
+    # ------------------------------------------------------------------ membership
+    def _heartbeat(self) -> None:
+        if not self.registered:
+            cfg = self.engine.config
+            self.send(self.router_address, Register(
+                self.instance_id, self.role, self.address, cfg.model,
+                cfg.block_size, self.engine.block_manager.num_blocks,
+                self.engine.max_model_len, self.engine.fingerprint))
+        else:
+            self.send(self.router_address, Heartbeat(self.load()))
+
+    def _on_register_ack(self, inbound: Inbound) -> None:
+        msg: RegisterAck = inbound.msg
+        if not msg.ok:
+            if self.registered:
+                log.info("%s: router asks to register again (%s)", self.instance_id,
+                         msg.message)
+            else:
+                log.error("%s: router refused registration: %s", self.instance_id,
+                          msg.message)
+        self.registered = msg.ok
+        self._next_heartbeat = 0.0 if not msg.ok else self._next_heartbeat
+
+    def _on_error(self, inbound: Inbound) -> None:
+        msg: Error = inbound.msg
+        log.warning("%s: error from %s: %s %s", self.instance_id, inbound.envelope.src,
+                    msg.code, msg.message)
+
+    def load(self) -> dict:
+        bm, sched = self.engine.block_manager, self.engine.scheduler
+        stats = bm.stats()
+        return {
+            "address": self.address,
+            "running": len(sched.running),
+            "waiting": len(sched.waiting),
+            "free_blocks": bm.num_free_blocks,
+            "total_blocks": bm.num_blocks,
+            "kv_usage": bm.usage,
+            "num_preemptions": sched.num_preemptions,
+            "prefix_queried_tokens": stats.queried_tokens,
+            "prefix_hit_tokens": stats.hit_tokens,
+            "transport": {"received": self.transport.stats.received,
+                          "malformed": self.transport.stats.malformed,
+                          "stale_epoch": self.transport.stats.stale_epoch,
+                          "send_failed": self.transport.stats.send_failed},
+            **self.counters,
+        }

@@ -1,0 +1,177 @@
+"""The router's HTTP server: the OpenAI API on top of a :class:`RouterCore`.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
+``GET /v1/models/{model}``, ``GET /v1/cluster``, ``GET /health``, ``GET /metrics``. With an API
+key, every ``/v1/*`` path needs ``Authorization: Bearer <key>``; ``/health`` and ``/metrics``
+stay open for probes and scrapers.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fdpd.metrics import CONTENT_TYPE
+from fdpd.router.chat_completions import create_chat_completion
+from fdpd.router.completions import create_completion
+from fdpd.router.errors import APIError, install_error_handlers, internal_error
+from fdpd.router.http_metrics import RouterMetrics
+from fdpd.router.openai_api import ChatCompletionRequest, CompletionRequest
+
+if TYPE_CHECKING:
+    from fdpd.router.core import RouterCore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AppContext:
+    core: RouterCore
+    metrics: RouterMetrics
+    started: int
+
+
+def create_app(core: RouterCore, *, api_key: str | None = None,
+               start_core: bool = False) -> FastAPI:
+    """The OpenAI-compatible app for ``core``. With ``start_core``, the app's lifespan awaits
+    ``core.start()`` / ``core.stop()`` (they must run on the server's event loop)."""
+    lifespan = _core_lifespan(core) if start_core else None
+    app = FastAPI(title="fdpd router", lifespan=lifespan)
+    ctx = AppContext(core, RouterMetrics(), int(time.time()))
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    app.add_middleware(_APIKeyMiddleware, api_key=api_key)
+    # Added last, so it is outermost and counts every answer, 401s included.
+    app.add_middleware(_HTTPMetricsMiddleware, metrics=ctx.metrics)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, body: CompletionRequest) -> Response:
+        return await _guard(lambda: create_completion(request, body, ctx))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
+        return await _guard(lambda: create_chat_completion(request, body, ctx))
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(ctx)]}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> dict[str, Any]:
+        if model != core.model_name:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves "
+                           f"`{core.model_name}`", param="model", code="model_not_found")
+        return _model_card(ctx)
+
+    @app.get("/v1/cluster")
+    async def cluster() -> JSONResponse:
+        return JSONResponse(await _guard_sync(core.cluster))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok, why = await _guard_sync(core.healthy)
+        if ok:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable", "reason": why}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        text = ctx.metrics.render()
+        try:
+            text += core.metrics()
+        except Exception:
+            log.exception("core.metrics() failed; serving the router's metrics only")
+        return PlainTextResponse(text, media_type=CONTENT_TYPE)
+
+    return app
+
+
+def _model_card(ctx: AppContext) -> dict[str, Any]:
+    name = ctx.core.model_name
+    return {"id": name, "object": "model", "created": ctx.started, "owned_by": "fdpd",
+            "root": name, "parent": None, "max_model_len": ctx.core.max_model_len}
+
+
+async def _guard(handler: Callable[[], Awaitable[Response]]) -> Response:
+    """Run a handler; anything that is not an APIError is a bug: log it, answer a generic 500."""
+    try:
+        return await handler()
+    except APIError:
+        raise
+    except Exception:
+        log.exception("unhandled error in a request handler")
+        raise internal_error() from None
+
+
+async def _guard_sync(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except Exception:
+        log.exception("%s failed", getattr(fn, "__name__", "core call"))
+        raise internal_error() from None
+
+
+def _core_lifespan(core: RouterCore) -> Callable[[FastAPI], Any]:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await core.start()
+        try:
+            yield
+        finally:
+            await core.stop()
+    return lifespan
+
+
+class _APIKeyMiddleware:
+    """401 for ``/v1/*`` without ``Authorization: Bearer <api_key>`` (when a key is set)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (self.expected is None or scope["type"] != "http"
+                or not scope["path"].startswith("/v1")):
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers") or []).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):
+            await self.app(scope, receive, send)
+            return
+        error = APIError(401, "missing or incorrect API key; send 'Authorization: Bearer "
+                         "<key>'", code="invalid_api_key",
+                         headers={"WWW-Authenticate": "Bearer"})
+        await error.response()(scope, receive, send)
+
+
+class _HTTPMetricsMiddleware:
+    def __init__(self, app: ASGIApp, metrics: RouterMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            self.metrics.http_requests.inc(endpoint=self.metrics.endpoint_label(scope["path"]),
+                                           status=str(status))

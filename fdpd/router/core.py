@@ -1,0 +1,358 @@
+"""The router's control side: registry, routing, one request's life across P and D, retries.
+
+Runs inside the HTTP server's asyncio loop. The transport's IO thread owns the ZMQ sockets and
+hands every inbound message to the loop with ``call_soon_threadsafe``; everything else here is
+single-threaded on the loop, so no locks.
+
+A request is retried on another (P, D) pair when it fails before its first token reached the
+client: a Reject, an expired grant, a failed transfer, or an instance that stopped
+heartbeating. After the first token it cannot be retried (the client saw output), so the stream
+ends with an error. Whatever way a request ends, any instance that may still hold state for it
+gets an ``Abort``; the instances' handlers are idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fdpd.config import PDConfig
+from fdpd.model.tokenizer import Tokenizer
+from fdpd.pd.protocol import (
+    Abort,
+    Error,
+    GrantExpired,
+    Heartbeat,
+    Register,
+    RegisterAck,
+    Reject,
+    Submit,
+    SubmitAck,
+    Tokens,
+    new_epoch,
+)
+from fdpd.pd.transport import Inbound, Transport
+from fdpd.router import policy
+from fdpd.router.registry import Instance, Registry
+from fdpd.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenDelta:
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finished: bool
+    finish_reason: str | None
+    stop_reason: int | str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+
+
+class RouterError(Exception):
+    """The request failed before producing a token; maps to an HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: float = 0.0):
+        super().__init__(message)
+        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+
+
+class StreamBroken(Exception):
+    """The request failed after tokens were already produced."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass
+class Failure:
+    reason: str
+    origin: str = ""
+    retry_after: float = 0.0
+
+
+@dataclass
+class Inflight:
+    req_id: str
+    queue: asyncio.Queue
+    prefill: Instance | None
+    decode: Instance | None            # the decode, or the mixed instance
+    prompt_tokens: int
+    streamed: bool = False
+    acked: bool = False
+
+
+@dataclass
+class RouterStats:
+    requests: Counter = field(default_factory=Counter)     # by mode: pd / mixed
+    retries: int = 0
+    failures: Counter = field(default_factory=Counter)     # by reason kind
+    instance_deaths: int = 0
+
+
+class RouterCore:
+    def __init__(self, *, model_name: str, tokenizer: Tokenizer | None,
+                 chat_template: str | None, max_model_len: int, pd: PDConfig,
+                 control_address: str = "tcp://127.0.0.1:0", max_attempts: int = 3):
+        self.model_name = model_name
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self._max_model_len = max_model_len
+        self.pd = pd
+        self.max_attempts = max_attempts
+        self.control_address = control_address
+        self.registry = Registry(timeout=max(2.0, 6 * pd.heartbeat_interval))
+        self.affinity = policy.PrefixAffinity()
+        self.inflight: dict[str, Inflight] = {}
+        self.stats = RouterStats()
+        self.epoch = new_epoch()
+        self._seeds = random.Random()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._monitor: asyncio.Task | None = None
+        self.transport: Transport | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.transport = Transport("router", self.epoch, self.control_address,
+                                   on_message=self._from_io_thread)
+        self.control_address = self.transport.address
+        self._monitor = asyncio.create_task(self._watch_instances())
+        log.info("router control channel at %s", self.control_address)
+
+    async def stop(self) -> None:
+        if self._monitor:
+            self._monitor.cancel()
+        if self.transport:
+            self.transport.close()
+
+    @property
+    def max_model_len(self) -> int:
+        lens = [i.max_model_len for i in self.registry.instances.values() if i.healthy]
+        return min([self._max_model_len, *lens])
+
+    # ------------------------------------------------------------------ one request
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[TokenDelta]:
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+        max_tokens = (params.max_tokens if params.max_tokens is not None
+                      else self.max_model_len - len(prompt_token_ids))
+        deadline = time.monotonic() + self.pd.request_timeout
+        hashes = self.affinity.hashes(prompt_token_ids)
+        excluded: set[str] = set()
+        last: Failure | None = None
+        for attempt in range(self.max_attempts):
+            if attempt:
+                self.stats.retries += 1
+            flight = self._dispatch(request_id, prompt_token_ids, params, seed, max_tokens,
+                                    deadline, hashes, excluded)
+            if flight is None:
+                if last is None:
+                    raise RouterError(503, "no_instances", "no healthy instance can serve "
+                                      "this request right now", retry_after=1.0)
+                break
+            finished = False
+            try:
+                while True:
+                    remaining = deadline - time.monotonic()
+                    try:
+                        event = await asyncio.wait_for(flight.queue.get(), max(remaining, 0))
+                    except asyncio.TimeoutError:
+                        if flight.streamed:
+                            raise StreamBroken("request deadline passed") from None
+                        raise RouterError(504, "timeout", "the request did not complete "
+                                          f"within {self.pd.request_timeout:.0f} s") from None
+                    if isinstance(event, Failure):
+                        if flight.streamed:
+                            raise StreamBroken(f"request failed mid-stream: {event.reason}")
+                        last = event
+                        if event.origin:
+                            excluded.add(event.origin)
+                        break
+                    flight.streamed = True
+                    yield event
+                    if event.finished:
+                        finished = True
+                        return
+            finally:
+                self._end(flight, abort=not finished)
+            if last is not None and last.retry_after and time.monotonic() < deadline:
+                await asyncio.sleep(min(last.retry_after, max(0.0, deadline - time.monotonic())))
+        self.stats.failures[_kind(last.reason)] += 1
+        raise RouterError(503, "unavailable", f"request failed after {self.max_attempts} "
+                          f"attempts: {last.reason}", retry_after=max(1.0, last.retry_after))
+
+    def _dispatch(self, request_id, prompt, params, seed, max_tokens, deadline, hashes,
+                  excluded) -> Inflight | None:
+        reg = self.registry
+        prefills = [i for i in reg.healthy("prefill") if i.instance_id not in excluded]
+        decodes = [i for i in reg.healthy("decode") if i.instance_id not in excluded]
+        p = policy.choose_prefill(prefills, hashes, self.affinity)
+        d = policy.choose_decode(decodes)
+        if p is not None and d is not None:
+            mode, first, second = "pd", p, d
+        else:
+            mixed = [i for i in reg.healthy("mixed") if i.instance_id not in excluded]
+            m = policy.choose_mixed(mixed, hashes, self.affinity)
+            if m is None:
+                return None
+            mode, first, second = "mixed", None, m
+        target = first or second
+        self.affinity.record(hashes, target.instance_id)
+        flight = Inflight(request_id, asyncio.Queue(), first, second, len(prompt))
+        self.inflight[request_id] = flight
+        for inst in (first, second):
+            if inst is not None:
+                inst.outstanding += 1
+                inst.outstanding_tokens += len(prompt)
+        self.stats.requests[mode] += 1
+        self._send(target.address, Submit(
+            request_id, list(prompt), params.to_dict(), seed, max_tokens,
+            self.control_address, max(0.0, deadline - time.monotonic()),
+            decode_id=second.instance_id if first else "",
+            decode_address=second.address if first else ""))
+        return flight
+
+    def _end(self, flight: Inflight, abort: bool) -> None:
+        if self.inflight.get(flight.req_id) is flight:
+            del self.inflight[flight.req_id]
+        if abort:
+            for inst in (flight.prefill, flight.decode):
+                if inst is not None:
+                    self._send(inst.address, Abort(flight.req_id, "router ended the request"))
+
+    async def abort(self, request_id: str, reason: str) -> None:
+        flight = self.inflight.get(request_id)
+        if flight is not None:
+            flight.queue.put_nowait(Failure(f"aborted: {reason}"))
+
+    def _send(self, address: str, msg) -> None:
+        if self.transport is not None:
+            self.transport.send(address, msg)
+
+    # ------------------------------------------------------------------ inbound
+    def _from_io_thread(self, inbound: Inbound) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._handle, inbound)
+
+    def _handle(self, inbound: Inbound) -> None:
+        msg, env = inbound.msg, inbound.envelope
+        if isinstance(msg, Tokens):
+            flight = self.inflight.get(msg.req_id)
+            if flight is not None:
+                flight.queue.put_nowait(TokenDelta(
+                    list(msg.token_ids), msg.logprobs, msg.finished, msg.finish_reason,
+                    msg.stop_reason, msg.num_prompt_tokens, msg.num_cached_tokens))
+        elif isinstance(msg, Heartbeat):
+            if not self.registry.heartbeat(env.src, env.epoch, msg.load):
+                # Unknown to this router (it restarted) or marked dead: register again.
+                address = msg.load.get("address")
+                if isinstance(address, str) and address:
+                    self._send(address, RegisterAck(False, "unknown instance: register again"))
+        elif isinstance(msg, Register):
+            ok, why = self.registry.register(msg, env.epoch)
+            log.info("register %s (%s at %s, epoch %d): %s", msg.instance_id, msg.role,
+                     msg.address, env.epoch, "ok" if ok else why)
+            self._send(msg.address, RegisterAck(ok, why))
+        elif isinstance(msg, SubmitAck):
+            flight = self.inflight.get(msg.req_id)
+            if flight is not None:
+                flight.acked = True
+        elif isinstance(msg, Reject):
+            self._fail(msg.req_id, Failure(f"rejected by {msg.origin or env.src}: {msg.reason}",
+                                           msg.origin or env.src, msg.retry_after))
+        elif isinstance(msg, GrantExpired):
+            self._fail(msg.req_id, Failure("decode grant expired", env.src))
+        elif isinstance(msg, Error):
+            if msg.req_id:
+                self._fail(msg.req_id, Failure(f"{msg.code}: {msg.message}", env.src))
+            else:
+                log.warning("error from %s: %s %s", env.src, msg.code, msg.message)
+
+    def _fail(self, req_id: str, failure: Failure) -> None:
+        flight = self.inflight.get(req_id)
+        if flight is not None:
+            flight.queue.put_nowait(failure)
+
+    async def _watch_instances(self) -> None:
+        while True:
+            await asyncio.sleep(self.pd.heartbeat_interval)
+            for inst in self.registry.expire():
+                self.stats.instance_deaths += 1
+                log.warning("instance %s (%s) stopped heartbeating; marked dead",
+                            inst.instance_id, inst.role)
+                for flight in list(self.inflight.values()):
+                    involved = (flight.decode is inst
+                                or (flight.prefill is inst and not flight.streamed))
+                    if involved:
+                        flight.queue.put_nowait(Failure(f"instance {inst.instance_id} died",
+                                                        inst.instance_id))
+
+    # ------------------------------------------------------------------ surfaces
+    def healthy(self) -> tuple[bool, str]:
+        reg = self.registry
+        if reg.healthy("mixed") or (reg.healthy("prefill") and reg.healthy("decode")):
+            return True, ""
+        roles = sorted({i.role for i in reg.instances.values() if i.healthy})
+        return False, f"no usable instances (healthy roles: {roles or 'none'})"
+
+    def cluster(self) -> dict:
+        return {"router": {"epoch": self.epoch, "control_address": self.control_address,
+                           "inflight": len(self.inflight), "retries": self.stats.retries},
+                "instances": [i.view() for i in self.registry.instances.values()]}
+
+    def metrics(self) -> str:
+        lines = []
+
+        def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]):
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} {kind}")
+            lines.extend(f"{name}{labels} {value}" for labels, value in samples)
+
+        insts = list(self.registry.instances.values())
+
+        def per_instance(key: str, source=lambda i, k: i.load.get(k)):
+            return [(f'{{instance="{i.instance_id}",role="{i.role}"}}', v)
+                    for i in insts if (v := source(i, key)) is not None]
+
+        metric("fdpd:instance_healthy", "gauge", "1 if the instance is heartbeating.",
+               [(f'{{instance="{i.instance_id}",role="{i.role}"}}', int(i.healthy))
+                for i in insts])
+        metric("fdpd:num_requests_running", "gauge", "Requests running on the instance.",
+               per_instance("running"))
+        metric("fdpd:num_requests_waiting", "gauge", "Requests queued on the instance.",
+               per_instance("waiting"))
+        metric("fdpd:kv_cache_usage_perc", "gauge", "Share of KV blocks in use.",
+               per_instance("kv_usage"))
+        metric("fdpd:num_preemptions_total", "counter", "Preemptions on the instance.",
+               per_instance("num_preemptions"))
+        metric("fdpd:prefix_cache_queries_total", "counter", "Prompt tokens looked up.",
+               per_instance("prefix_queried_tokens"))
+        metric("fdpd:prefix_cache_hits_total", "counter", "Prompt tokens found cached.",
+               per_instance("prefix_hit_tokens"))
+        ledger = lambda i, k: (i.load.get("ledger") or {}).get(k)  # noqa: E731
+        metric("fdpd:reserved_blocks", "gauge", "Decode blocks reserved for running requests.",
+               per_instance("reserved_blocks", ledger))
+        metric("fdpd:pending_grants", "gauge", "Decode grants awaiting their KV.",
+               per_instance("pending_grants", ledger))
+        metric("fdpd:kv_transfer_bytes_total", "counter", "KV bytes sent by prefill instances.",
+               per_instance("kv_bytes_sent"))
+        metric("fdpd:router_requests_total", "counter", "Requests dispatched, by mode.",
+               [(f'{{mode="{m}"}}', n) for m, n in self.stats.requests.items()])
+        metric("fdpd:router_retries_total", "counter", "Requests retried on another pair.",
+               [("", self.stats.retries)])
+        metric("fdpd:router_instance_deaths_total", "counter", "Instances marked dead.",
+               [("", self.stats.instance_deaths)])
+        return "\n".join(lines) + "\n"
+
+
+def _kind(reason: str) -> str:
+    return reason.split(":", 1)[0].split(" by ", 1)[0].strip()[:40]
