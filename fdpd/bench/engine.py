@@ -19,13 +19,14 @@ import json
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
 
 # --quick: a sanity run in seconds, on a small synthetic model.
-QUICK = {"num_prompts": 4, "min_len": 8, "max_len": 48, "output_len": 8}
+QUICK = {"num_prompts": 4, "min_len": 8, "max_len": 48, "output_len": 8, "repeat": 1}
 QUICK_MODEL = {"hidden": 64, "layers": 2, "vocab": 1024}
 DEFAULT_MODEL = {"hidden": 256, "layers": 4, "vocab": 32000}
 
@@ -33,8 +34,9 @@ DEFAULT_MODEL = {"hidden": 256, "layers": 4, "vocab": 32000}
 @dataclass(frozen=True)
 class RunResult:
     name: str
-    wall_s: float
+    wall_s: float                   # fastest of the repeats
     output_tokens: int
+    all_wall_s: tuple[float, ...] = ()
 
     @property
     def tokens_per_s(self) -> float:
@@ -49,8 +51,12 @@ def make_prompts(num: int, min_len: int, max_len: int, vocab: int, seed: int) ->
             for _ in range(num)]
 
 
-def run_fdpd(model: str, prompts: list[list[int]], output_len: int, dtype: str,
-             max_num_seqs: int, max_num_batched_tokens: int) -> tuple[RunResult, list[list[int]]]:
+Runner = Callable[[], list[list[int]]]
+
+
+def prepare_fdpd(model: str, prompts: list[list[int]], output_len: int, dtype: str,
+                 max_num_seqs: int, max_num_batched_tokens: int) -> Runner:
+    """Load fdpd and warm it up; return a function that generates the whole batch."""
     from fdpd.llm import LLM
     from fdpd.sampling_params import SamplingParams
 
@@ -61,18 +67,21 @@ def run_fdpd(model: str, prompts: list[list[int]], output_len: int, dtype: str,
               num_kv_blocks=-(-longest // 16) * max_num_seqs + 1)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate([prompts[0][:8]], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    wall = time.perf_counter() - start
-    tokens = [o.outputs[0].token_ids for o in outs]
-    return RunResult("fdpd", wall, sum(map(len, tokens))), tokens
+
+    def run() -> list[list[int]]:
+        # A repeat must not find the previous repeat's prompts in the prefix cache.
+        llm.engine.block_manager.reset_prefix_cache()
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+    return run
 
 
-def run_transformers(model: str, prompts: list[list[int]], output_len: int, dtype: str,
-                     batch_size: int) -> tuple[RunResult, list[list[int]]]:
+def prepare_transformers(model: str, prompts: list[list[int]], output_len: int, dtype: str,
+                         batch_size: int) -> Runner:
+    """Load the same weights into ``transformers`` and warm up; return a function that
+    generates the whole batch, ``batch_size`` left-padded prompts per ``generate`` call."""
     import torch
     from transformers import AutoModelForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -90,12 +99,30 @@ def run_transformers(model: str, prompts: list[list[int]], output_len: int, dtyp
         return out[:, width:].tolist()
 
     generate([prompts[0][:8]], 2)
-    tokens: list[list[int]] = []
-    start = time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        tokens += generate(prompts[i:i + batch_size], output_len)
-    wall = time.perf_counter() - start
-    return RunResult("transformers", wall, sum(map(len, tokens))), tokens
+
+    def run() -> list[list[int]]:
+        tokens: list[list[int]] = []
+        for i in range(0, len(prompts), batch_size):
+            tokens += generate(prompts[i:i + batch_size], output_len)
+        return tokens
+
+    return run
+
+
+def measure(runners: dict[str, Runner], repeat: int) -> tuple[dict[str, RunResult],
+                                                              dict[str, list[list[int]]]]:
+    """Run each runner ``repeat`` times, interleaved (A B A B ...) so that background load hits
+    both alike; keep each one's fastest run. Returns results and each runner's last tokens."""
+    walls: dict[str, list[float]] = {name: [] for name in runners}
+    tokens: dict[str, list[list[int]]] = {}
+    for _ in range(repeat):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            tokens[name] = run()
+            walls[name].append(time.perf_counter() - start)
+    results = {name: RunResult(name, min(w), sum(map(len, tokens[name])), tuple(w))
+               for name, w in walls.items()}
+    return results, tokens
 
 
 def _overrides_for_quick(ctx: click.Context, values: dict) -> dict:
@@ -118,6 +145,8 @@ def _overrides_for_quick(ctx: click.Context, values: dict) -> dict:
 @click.option("--max-num-batched-tokens", default=512, help="fdpd's token budget per step.")
 @click.option("--threads", default=1, help="torch threads (both engines).")
 @click.option("--seed", default=0, help="Seed of the prompts.")
+@click.option("--repeat", default=3, help="Timed runs of each engine, interleaved; the fastest "
+              "counts (this machine is shared and noisy).")
 @click.option("--quick", is_flag=True, help=f"Sanity run: {QUICK} on a small synthetic model "
               f"{QUICK_MODEL}, unless given explicitly.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
@@ -136,16 +165,21 @@ def command(ctx: click.Context, **values) -> None:
         model, model_desc = _resolve_model(v["model"], v["quick"], Path(tmp))
         vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
         prompts = make_prompts(v["num_prompts"], v["min_len"], v["max_len"], vocab, v["seed"])
-        fdpd_result, fdpd_tokens = run_fdpd(model, prompts, v["output_len"], v["dtype"],
-                                            v["max_num_seqs"], v["max_num_batched_tokens"])
-        hf_result, hf_tokens = run_transformers(model, prompts, v["output_len"], v["dtype"],
-                                                v["max_num_seqs"])
+        runners = {
+            "fdpd": prepare_fdpd(model, prompts, v["output_len"], v["dtype"], v["max_num_seqs"],
+                                 v["max_num_batched_tokens"]),
+            "transformers": prepare_transformers(model, prompts, v["output_len"], v["dtype"],
+                                                 v["max_num_seqs"]),
+        }
+        results, tokens = measure(runners, v["repeat"])
+    fdpd_result, hf_result = results["fdpd"], results["transformers"]
+    fdpd_tokens, hf_tokens = tokens["fdpd"], tokens["transformers"]
     agree = sum(a == b for a, b in zip(fdpd_tokens, hf_tokens))
     ratio = fdpd_result.tokens_per_s / hf_result.tokens_per_s
     report = {
         "config": {k: v[k] for k in ("num_prompts", "min_len", "max_len", "output_len", "dtype",
                                       "max_num_seqs", "max_num_batched_tokens", "threads",
-                                      "seed")},
+                                      "seed", "repeat")},
         "model": model_desc,
         "prompt_tokens": sum(map(len, prompts)),
         "results": [{**asdict(r), "tokens_per_s": r.tokens_per_s}
@@ -160,6 +194,7 @@ def command(ctx: click.Context, **values) -> None:
     click.echo(f"batch: {len(prompts)} prompts of {v['min_len']}..{v['max_len']} tokens "
                f"({report['prompt_tokens']} prompt tokens), {v['output_len']} output tokens "
                f"each, {v['dtype']}, {v['threads']} torch thread(s)")
+    click.echo(f"timing: fastest of {v['repeat']} interleaved run(s) of each")
     click.echo("")
     click.echo(f"| {'engine':<12} | {'wall s':>8} | {'output tokens':>13} | {'tokens/s':>9} |")
     click.echo(f"| {'-' * 12} | {'-' * 8}:| {'-' * 13}:| {'-' * 9}:|")

@@ -94,7 +94,9 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest,
                           "/v1/completions with token ids", "messages")
     logprobs = body.logprobs_setting()
     max_tokens = body.resolved_max_tokens()
-    params = serving.sampling_params(body.sampling_params, max_tokens, logprobs)
+    which = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    params = serving.sampling_params(body.sampling_params, max_tokens, logprobs,
+                                     rename={"max_tokens": which})
     try:
         text = render_chat([m.for_template() for m in body.messages], core.chat_template,
                            tokenizer)
@@ -102,7 +104,6 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest,
         raise bad_request(str(exc), "messages") from None
     prompt_ids = encode_chat_prompt(text, tokenizer)
     serving.check_prompt_ids(prompt_ids, tokenizer, "messages")
-    which = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     params = serving.fit_to_context(params, len(prompt_ids), core.max_model_len,
                                     prompt_param="messages", max_tokens_param=which)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"

@@ -66,12 +66,14 @@ class ResponseFormat(Protocol):
 
 
 # ---------------------------------------------------------------------- checking a request
-def sampling_params(build: Any, *args: Any) -> SamplingParams:
-    """``build(*args)``, with a bad value turned into a 400 that names the field."""
+def sampling_params(build: Any, *args: Any, rename: dict[str, str] | None = None
+                    ) -> SamplingParams:
+    """``build(*args)``, with a bad value turned into a 400 that names the field (as the client
+    called it: ``rename`` maps SamplingParams names to request names)."""
     try:
         return build(*args)
     except SamplingParamsError as exc:
-        raise bad_request(str(exc), exc.field) from None
+        raise bad_request(str(exc), (rename or {}).get(exc.field, exc.field)) from None
 
 
 def fit_to_context(params: SamplingParams, prompt_len: int, max_model_len: int,

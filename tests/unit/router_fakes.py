@@ -8,6 +8,7 @@ ones a real cluster would produce.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -16,6 +17,20 @@ from fdpd.router.core import RouterError, StreamBroken, TokenDelta
 from fdpd.sampling_params import SamplingParams
 
 TINY_VOCAB = 384
+
+
+class MarkupByteTokenizer(ByteTokenizer):
+    """A ``ByteTokenizer`` that reads ``<bos>``/``<eos>`` in text as the special ids, as Hugging
+    Face tokenizers do with added tokens that chat templates write."""
+
+    def encode(self, text: str) -> list[int]:
+        ids = [self.BOS]
+        for part in re.split(r"(<bos>|<eos>)", text):
+            if part in ("<bos>", "<eos>"):
+                ids.append(self.BOS if part == "<bos>" else self.EOS)
+            else:
+                ids.extend(part.encode("utf-8"))
+        return ids
 
 
 @dataclass

@@ -44,16 +44,17 @@ BLOCK_SIZE = 8
 BUDGET = 48                  # max_num_batched_tokens: prompts up to 150 tokens need >= 4 chunks
 NUM_BLOCKS = 48              # 32 prompts of ~75 tokens want ~330 blocks: preemption is certain
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=1)
-ENGINE_ARGS = dict(block_size=BLOCK_SIZE, max_num_batched_tokens=BUDGET,
-                   num_kv_blocks=NUM_BLOCKS, max_num_seqs=32)
+ENGINE_ARGS = {"block_size": BLOCK_SIZE, "max_num_batched_tokens": BUDGET,
+               "num_kv_blocks": NUM_BLOCKS, "max_num_seqs": 32}
 
 CHECKPOINTS = {
-    "llama": dict(arch="llama"),
-    "qwen2_tied_bias": dict(arch="qwen2", tie=True),
+    "llama": {"arch": "llama"},
+    "qwen2_tied_bias": {"arch": "qwen2", "tie": True},
     # Its own seed and shapes (else it is the Llama checkpoint under another name); a window
     # longer than any sequence here, so the engine caps max_model_len at it and runs full
     # attention.
-    "mistral_window": dict(arch="mistral", seed=3, sliding_window=256, num_key_value_heads=1),
+    "mistral_window": {"arch": "mistral", "seed": 3, "sliding_window": 256,
+                       "num_key_value_heads": 1},
 }
 
 

@@ -194,12 +194,12 @@ def test_bad_requests_name_the_field_and_leave_the_llm_usable():
     cases = [
         ([[]], GREEDY, "prompt: the prompt is empty"),
         ([[1] * 64], GREEDY, r"prompt: the prompt has 64 tokens; max_model_len is 64"),
-        ([[1] * 60], SamplingParams(max_tokens=10), r"max_tokens: prompt \(60 tokens\) \+ "
-                                                    r"max_tokens \(10\) exceeds max_model_len"),
+        ([[1] * 60], SamplingParams(max_tokens=10), (r"max_tokens: prompt \(60 tokens\) \+ "
+                                                    r"max_tokens \(10\) exceeds max_model_len")),
         ([[1, 384]], GREEDY, r"prompt: token id 384 is outside the vocabulary \[0, 384\)"),
         ([[1, -1]], GREEDY, r"prompt: token id -1 is outside the vocabulary"),
-        ([[1] * 20], SamplingParams(max_tokens=20), "max_tokens: prompt \\+ max_tokens needs "
-                                                    "10 KV blocks but the pool has 8"),
+        ([[1] * 20], SamplingParams(max_tokens=20), ("max_tokens: prompt \\+ max_tokens needs "
+                                                    "10 KV blocks but the pool has 8")),
         # One bad prompt in a batch rejects the batch before anything is admitted.
         ([[5, 6], [1, 2, 999]], GREEDY, "prompt: token id 999"),
     ]
@@ -224,13 +224,13 @@ def test_a_prompt_element_of_the_wrong_type_is_a_request_error(llm):
 
 
 @pytest.mark.parametrize("args, field", [
-    (dict(foo=1), "foo"),
-    (dict(block_size=0), "block_size"),
-    (dict(block_size=3), "block_size"),
-    (dict(dtype="int8"), "dtype"),
-    (dict(num_kv_blocks=0), "num_kv_blocks"),
-    (dict(max_num_seqs=0), "max_num_seqs"),
-    (dict(max_model_len=10**6), "max_model_len"),
+    ({"foo": 1}, "foo"),
+    ({"block_size": 0}, "block_size"),
+    ({"block_size": 3}, "block_size"),
+    ({"dtype": "int8"}, "dtype"),
+    ({"num_kv_blocks": 0}, "num_kv_blocks"),
+    ({"max_num_seqs": 0}, "max_num_seqs"),
+    ({"max_model_len": 10**6}, "max_model_len"),
 ])
 def test_bad_engine_args_are_config_errors_naming_the_field(args, field):
     with pytest.raises(ConfigError) as info:
