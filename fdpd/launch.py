@@ -101,6 +101,9 @@ def run_router(model: str, pd: PDConfig, host: str, port: int, control_port: int
                       chat_template=front.chat_template, max_model_len=front.max_model_len,
                       pd=pd, control_address=control)
     app = create_app(core, api_key=api_key)
+    # uvicorn re-raises the signal that stopped it once it has shut down; with the default
+    # handler that kills the process before ``core.stop()`` runs (exit -15, not 0).
+    _stop_on_signals()
 
     async def main() -> None:
         await core.start()

@@ -13,7 +13,7 @@ from fdpd.outputs import CompletionOutput, RequestOutput, TextStream
 from fdpd.sampling_params import SamplingParams
 
 # A prompt is text, a list of token ids, or {"prompt_token_ids": [...]} / {"prompt": "..."}.
-PromptType = Union[str, Sequence[int], dict]
+PromptType = Union[str, Sequence[int], dict]  # noqa: UP007 (a runtime alias)
 
 
 class LLM:

@@ -10,11 +10,10 @@ ever decoded from. Leases expire on their own.
 from __future__ import annotations
 
 import logging
-import warnings
 
 from fdpd.engine.block_manager import compute_block_hashes
 from fdpd.engine.engine import RequestError, StepOutput
-from fdpd.pd import kv_codec
+from fdpd.pd import kv_transfer
 from fdpd.pd.ledger import GrantRecord, LedgerError, ReservationLedger
 from fdpd.pd.protocol import (
     Abort,
@@ -52,6 +51,10 @@ class DecodeService(InstanceService):
         try:
             # Validate the request as this engine will run it, before promising anything.
             self.build_request(msg)
+        except (RequestError, ValueError) as e:
+            self.reject(msg.reply_to, msg.req_id, str(e), retryable=False)
+            return
+        try:
             hashes = compute_block_hashes(self.engine.block_manager.hash_seed,
                                           msg.prompt_token_ids, self.engine.config.block_size)
             grant = self.ledger.offer(msg, inbound.envelope.src, hashes)
@@ -86,22 +89,13 @@ class DecodeService(InstanceService):
         if blocks is None:
             self.counters["kv_dropped"] += 1       # stale/unknown grant: never written
             return
-        runner = self.engine.runner
         try:
-            if len(inbound.frames) != 1:
-                raise kv_codec.KVFrameError(f"expected 1 KV frame, got {len(inbound.frames)}")
-            with warnings.catch_warnings():        # zmq buffers are read-only; we only read
-                warnings.simplefilter("ignore", UserWarning)
-                data = kv_codec.from_frame(inbound.frames[0].buffer, msg.dtype, msg.shape,
-                                           runner.kv_cache.dtype, runner.kv_cache.shape)
-            if data.shape[2] != len(blocks):
-                raise kv_codec.KVFrameError(f"{data.shape[2]} blocks of KV for "
-                                            f"{len(blocks)} granted")
-        except kv_codec.KVFrameError as e:
+            nbytes = kv_transfer.receive_kv_blocks(self.engine.runner.kv_cache, msg,
+                                                   inbound.frames, blocks)
+        except kv_transfer.KVFrameError as e:
             self._fail_transfer(self.ledger.grants[msg.grant_id], str(e))
             return
-        runner.write_blocks(blocks, data)
-        self.counters["kv_bytes_received"] += data.numel() * data.element_size()
+        self.counters["kv_bytes_received"] += nbytes
         self.counters["kv_blocks_received"] += len(blocks)
 
     def on_prefill_done(self, inbound: Inbound) -> None:

@@ -22,7 +22,7 @@ class MixedService(InstanceService):
             req = self.build_request(msg)
             self.engine.scheduler.add(req)
         except (RequestError, ValueError) as e:
-            self.reject(msg.reply_to, msg.req_id, str(e))
+            self.reject(msg.reply_to, msg.req_id, str(e), retryable=False)
             return
         self.routes[msg.req_id] = msg.reply_to
         self.send(msg.reply_to, SubmitAck(msg.req_id))

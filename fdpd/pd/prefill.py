@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from fdpd.engine.engine import RequestError, StepOutput
 from fdpd.engine.request import Request
 from fdpd.engine.scheduler import kv_owner
-from fdpd.pd import kv_codec
+from fdpd.pd import kv_transfer
 from fdpd.pd.protocol import (
     Abort,
     AllocRequest,
     Grant,
     GrantExpired,
-    KVBlocks,
     PrefillDone,
     Reject,
     Submit,
@@ -33,9 +32,6 @@ from fdpd.pd.service import InstanceService
 from fdpd.pd.transport import Inbound
 
 log = logging.getLogger(__name__)
-
-# Frames are cut at this size so the decode side can start copying before the last one lands.
-MAX_FRAME_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -58,6 +54,7 @@ class PrefillService(InstanceService):
                               Reject: self.on_reject, GrantExpired: self.on_grant_expired,
                               TransferResult: self.on_transfer_result})
         self.jobs: dict[str, PrefillJob] = {}
+        self.staging = kv_transfer.StagingPool()
         self.peers: dict[str, str] = {}           # decode instance id -> inbox address
         self.counters.update({"kv_bytes_sent": 0, "kv_blocks_sent": 0, "transfers": 0,
                               "transfer_failures": 0, "grant_timeouts": 0})
@@ -71,7 +68,7 @@ class PrefillService(InstanceService):
             req = self.build_request(msg, prefill_only=True)
             self.engine.scheduler.add(req)
         except (RequestError, ValueError) as e:
-            self.reject(msg.reply_to, msg.req_id, str(e))
+            self.reject(msg.reply_to, msg.req_id, str(e), retryable=False)
             return
         timeout = min(msg.timeout_s, self.pd.transfer_timeout)
         self.jobs[msg.req_id] = PrefillJob(req, msg.reply_to, msg.decode_id, msg.decode_address,
@@ -127,19 +124,11 @@ class PrefillService(InstanceService):
         self.counters["transfers"] += 1
 
     def _send_kv(self, job: PrefillJob, blocks: list[int]) -> int:
-        runner = self.engine.runner
-        per_block = runner.kv_cache[:, :, 0].numel() * runner.kv_cache.element_size()
-        step = max(1, MAX_FRAME_BYTES // per_block)
-        first = job.grant.cached_blocks
-        for i in range(0, len(blocks), step):
-            chunk = blocks[i:i + step]
-            # One gather into a fresh staging tensor; the frame references it until sent.
-            staged = runner.read_blocks(chunk)
-            self.send(job.decode_address, KVBlocks(
-                job.grant.grant_id, job.req.request_id, first + i, len(chunk),
-                kv_codec.DTYPE_NAMES[staged.dtype], list(staged.shape)),
-                [kv_codec.to_frame(staged)])
-            self.counters["kv_bytes_sent"] += staged.numel() * staged.element_size()
+        sent = kv_transfer.send_kv_blocks(
+            lambda msg, frames: self.send(job.decode_address, msg, frames),
+            self.engine.runner.kv_cache, job.grant.grant_id, job.req.request_id, blocks,
+            job.grant.cached_blocks, self.staging)
+        self.counters["kv_bytes_sent"] += sent
         self.counters["kv_blocks_sent"] += len(blocks)
         return len(blocks)
 
@@ -150,7 +139,8 @@ class PrefillService(InstanceService):
             return
         self._drop(job)
         self.send(job.router, Reject(msg.req_id, msg.reason, msg.retry_after,
-                                     origin=msg.origin or inbound.envelope.src))
+                                     origin=msg.origin or inbound.envelope.src,
+                                     retryable=msg.retryable))
 
     def on_grant_expired(self, inbound: Inbound) -> None:
         msg: GrantExpired = inbound.msg

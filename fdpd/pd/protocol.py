@@ -135,6 +135,7 @@ class Reject(Message):
     reason: str
     retry_after: float = 0.0
     origin: str = ""           # the instance that refused (a decode's Reject travels via P)
+    retryable: bool = True     # False: the request itself is invalid; no instance will serve it
 
 
 @dataclass

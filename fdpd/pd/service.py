@@ -124,9 +124,11 @@ class InstanceService:
         req.prefill_only = prefill_only
         return req
 
-    def reject(self, address: str, req_id: str, reason: str, retry_after: float = 0.0) -> None:
+    def reject(self, address: str, req_id: str, reason: str, retry_after: float = 0.0,
+               retryable: bool = True) -> None:
         self.counters["rejected"] += 1
-        self.send(address, Reject(req_id, reason, retry_after, origin=self.instance_id))
+        self.send(address, Reject(req_id, reason, retry_after, origin=self.instance_id,
+                                  retryable=retryable))
 
     def tokens_message(self, out: StepOutput) -> Tokens:
         return Tokens(out.request_id, out.new_token_ids, out.new_logprobs, out.finished,

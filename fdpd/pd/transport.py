@@ -7,7 +7,8 @@ engine loop never blocks on a socket.
 
 Buffer lifetime: frames passed to ``send`` are sent with ``copy=False``; pyzmq keeps a
 reference to each buffer until libzmq has sent it, so a caller must not *modify* a buffer after
-handing it over (``StagingPool`` recycles buffers only after their send completed). Received
+handing it over (``kv_transfer.StagingPool`` recycles buffers only after their send
+completed, as reported by the frame's tracker). Received
 extra frames alias zmq's receive buffers; consumers copy them once into their destination.
 """
 
@@ -179,34 +180,3 @@ class Transport:
             self._on_message(inbound)
         else:
             self._inbound.put(inbound)
-
-
-class StagingPool:
-    """Reusable host buffers for outgoing KV. A buffer returns to the pool only after zmq
-    reports (via ``MessageTracker``) that the frame built on it was sent, so a buffer is never
-    overwritten while libzmq may still read it."""
-
-    def __init__(self, max_buffers: int = 8):
-        self._free: dict[int, list] = collections.defaultdict(list)
-        self._busy: list[tuple[zmq.MessageTracker, int, object]] = []
-        self._max = max_buffers
-
-    def get(self, nbytes: int, make: Callable[[int], object]) -> object:
-        self._reclaim()
-        free = self._free[nbytes]
-        return free.pop() if free else make(nbytes)
-
-    def frame(self, nbytes: int, buf: object, view: memoryview) -> zmq.Frame:
-        frame = zmq.Frame(view, copy=False, track=True)
-        self._busy.append((frame.tracker, nbytes, buf))
-        return frame
-
-    def _reclaim(self) -> None:
-        still = []
-        for tracker, nbytes, buf in self._busy:
-            if tracker.done:
-                if sum(len(v) for v in self._free.values()) < self._max:
-                    self._free[nbytes].append(buf)
-            else:
-                still.append((tracker, nbytes, buf))
-        self._busy = still

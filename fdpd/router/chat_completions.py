@@ -13,11 +13,10 @@ from fastapi.responses import Response
 from fdpd.model.tokenizer import Tokenizer
 from fdpd.router import serving
 from fdpd.router.chat import ChatTemplateError, encode_chat_prompt, render_chat
-from fdpd.router.completions import token_text
 from fdpd.router.errors import bad_request
 from fdpd.router.openai_api import ChatCompletionRequest
 from fdpd.router.relay import Piece, Relay
-from fdpd.router.serving import Output
+from fdpd.router.serving import Output, finite_logprob, token_text
 
 
 class ChatFormat:
@@ -43,8 +42,8 @@ class ChatFormat:
         content = []
         for tid, lp in zip(token_ids, logprobs):
             text = token_text(self.tokenizer, tid)
-            content.append({"token": text, "logprob": lp, "bytes": list(text.encode()),
-                            "top_logprobs": []})
+            content.append({"token": text, "logprob": finite_logprob(lp),
+                            "bytes": list(text.encode()), "top_logprobs": []})
         return {"content": content}
 
     def stream_start(self) -> list[dict[str, Any]]:

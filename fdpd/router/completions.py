@@ -14,18 +14,7 @@ from fdpd.router import serving
 from fdpd.router.errors import bad_request
 from fdpd.router.openai_api import CompletionRequest
 from fdpd.router.relay import Piece, Relay
-from fdpd.router.serving import Output
-
-
-def token_text(tokenizer: Tokenizer | None, token_id: int) -> str:
-    """How one token is shown in logprobs: its text, or ``token_id:N`` without a tokenizer
-    (vLLM's convention)."""
-    if tokenizer is None:
-        return f"token_id:{token_id}"
-    try:
-        return tokenizer.decode([token_id], skip_special_tokens=False)
-    except ValueError:
-        return f"token_id:{token_id}"
+from fdpd.router.serving import Output, finite_logprob, token_text
 
 
 class CompletionFormat:
@@ -53,8 +42,9 @@ class CompletionFormat:
         for tok in tokens:
             offsets.append(self._text_offset)
             self._text_offset += len(tok)
-        return {"tokens": tokens, "token_logprobs": list(logprobs),
-                "top_logprobs": ([{t: lp} for t, lp in zip(tokens, logprobs)]
+        values = [finite_logprob(lp) for lp in logprobs]
+        return {"tokens": tokens, "token_logprobs": values,
+                "top_logprobs": ([{t: lp} for t, lp in zip(tokens, values)]
                                  if self.top_logprobs else None),
                 "text_offset": offsets}
 

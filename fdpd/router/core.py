@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fdpd.config import PDConfig
+from fdpd.metrics import Registry as MetricRegistry
 from fdpd.model.tokenizer import Tokenizer
 from fdpd.pd.protocol import (
     Abort,
@@ -76,6 +77,8 @@ class Failure:
     reason: str
     origin: str = ""
     retry_after: float = 0.0
+    final: bool = False        # no retry: the client aborted, or the request is invalid
+    status: int = 503
 
 
 @dataclass
@@ -172,6 +175,9 @@ class RouterCore:
                     if isinstance(event, Failure):
                         if flight.streamed:
                             raise StreamBroken(f"request failed mid-stream: {event.reason}")
+                        if event.final:
+                            code = "invalid_request" if event.status == 400 else "aborted"
+                            raise RouterError(event.status, code, event.reason)
                         last = event
                         if event.origin:
                             excluded.add(event.origin)
@@ -229,9 +235,15 @@ class RouterCore:
                     self._send(inst.address, Abort(flight.req_id, "router ended the request"))
 
     async def abort(self, request_id: str, reason: str) -> None:
+        """End a request for good (client gone, stop string): no retry, and every instance
+        that may hold state for it is told at once."""
         flight = self.inflight.get(request_id)
-        if flight is not None:
-            flight.queue.put_nowait(Failure(f"aborted: {reason}"))
+        if flight is None:
+            return
+        flight.queue.put_nowait(Failure(f"aborted: {reason}", final=True, status=499))
+        for inst in (flight.prefill, flight.decode):
+            if inst is not None:
+                self._send(inst.address, Abort(request_id, reason))
 
     def _send(self, address: str, msg) -> None:
         if self.transport is not None:
@@ -268,7 +280,9 @@ class RouterCore:
                 flight.acked = True
         elif isinstance(msg, Reject):
             self._fail(msg.req_id, Failure(f"rejected by {msg.origin or env.src}: {msg.reason}",
-                                           msg.origin or env.src, msg.retry_after))
+                                           msg.origin or env.src, msg.retry_after,
+                                           final=not msg.retryable,
+                                           status=503 if msg.retryable else 400))
         elif isinstance(msg, GrantExpired):
             self._fail(msg.req_id, Failure("decode grant expired", env.src))
         elif isinstance(msg, Error):
@@ -310,48 +324,57 @@ class RouterCore:
                 "instances": [i.view() for i in self.registry.instances.values()]}
 
     def metrics(self) -> str:
-        lines = []
-
-        def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]):
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} {kind}")
-            lines.extend(f"{name}{labels} {value}" for labels, value in samples)
-
-        insts = list(self.registry.instances.values())
-
-        def per_instance(key: str, source=lambda i, k: i.load.get(k)):
-            return [(f'{{instance="{i.instance_id}",role="{i.role}"}}', v)
-                    for i in insts if (v := source(i, key)) is not None]
-
-        metric("fdpd:instance_healthy", "gauge", "1 if the instance is heartbeating.",
-               [(f'{{instance="{i.instance_id}",role="{i.role}"}}', int(i.healthy))
-                for i in insts])
-        metric("fdpd:num_requests_running", "gauge", "Requests running on the instance.",
-               per_instance("running"))
-        metric("fdpd:num_requests_waiting", "gauge", "Requests queued on the instance.",
-               per_instance("waiting"))
-        metric("fdpd:kv_cache_usage_perc", "gauge", "Share of KV blocks in use.",
-               per_instance("kv_usage"))
-        metric("fdpd:num_preemptions_total", "counter", "Preemptions on the instance.",
-               per_instance("num_preemptions"))
-        metric("fdpd:prefix_cache_queries_total", "counter", "Prompt tokens looked up.",
-               per_instance("prefix_queried_tokens"))
-        metric("fdpd:prefix_cache_hits_total", "counter", "Prompt tokens found cached.",
-               per_instance("prefix_hit_tokens"))
-        ledger = lambda i, k: (i.load.get("ledger") or {}).get(k)  # noqa: E731
-        metric("fdpd:reserved_blocks", "gauge", "Decode blocks reserved for running requests.",
-               per_instance("reserved_blocks", ledger))
-        metric("fdpd:pending_grants", "gauge", "Decode grants awaiting their KV.",
-               per_instance("pending_grants", ledger))
-        metric("fdpd:kv_transfer_bytes_total", "counter", "KV bytes sent by prefill instances.",
-               per_instance("kv_bytes_sent"))
-        metric("fdpd:router_requests_total", "counter", "Requests dispatched, by mode.",
-               [(f'{{mode="{m}"}}', n) for m, n in self.stats.requests.items()])
-        metric("fdpd:router_retries_total", "counter", "Requests retried on another pair.",
-               [("", self.stats.retries)])
-        metric("fdpd:router_instance_deaths_total", "counter", "Instances marked dead.",
-               [("", self.stats.instance_deaths)])
-        return "\n".join(lines) + "\n"
+        """The cluster view as Prometheus text: per-instance gauges from the last heartbeats
+        (labelled by instance and role) and the router's own counters."""
+        reg = MetricRegistry()
+        labels = ("instance", "role")
+        per_instance = [
+            ("fdpd:num_requests_running", "Requests running on the instance.", "running"),
+            ("fdpd:num_requests_waiting", "Requests queued on the instance.", "waiting"),
+            ("fdpd:kv_cache_usage_perc", "Share of KV blocks in use.", "kv_usage"),
+            ("fdpd:num_preemptions_total", "Preemptions on the instance.", "num_preemptions"),
+            ("fdpd:prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.",
+             "prefix_queried_tokens"),
+            ("fdpd:prefix_cache_hits_total", "Prompt tokens found in the prefix cache.",
+             "prefix_hit_tokens"),
+            ("fdpd:kv_transfer_bytes_total", "KV bytes sent by a prefill instance.",
+             "kv_bytes_sent"),
+            ("fdpd:kv_transfer_received_bytes_total", "KV bytes received by a decode instance.",
+             "kv_bytes_received"),
+        ]
+        per_ledger = [
+            ("fdpd:reserved_blocks", "Decode blocks reserved for running requests' growth.",
+             "reserved_blocks"),
+            ("fdpd:pending_grants", "Decode grants awaiting their KV.", "pending_grants"),
+            ("fdpd:free_blocks", "Decode blocks free (including cached).", "free_blocks"),
+            ("fdpd:grants_total", "Grants given.", "grants_granted"),
+            ("fdpd:grants_deferred_total", "Grant requests that had to wait.", "grants_deferred"),
+            ("fdpd:grants_rejected_total", "Grant requests refused after waiting.",
+             "grants_rejected"),
+            ("fdpd:grants_expired_total", "Grants whose lease ran out.", "grants_expired"),
+        ]
+        healthy = reg.gauge("fdpd:instance_healthy", "1 while the instance heartbeats.", labels)
+        gauges = {key: reg.gauge(name, help_text, labels)
+                  for name, help_text, key in per_instance + per_ledger}
+        for inst in self.registry.instances.values():
+            who = {"instance": inst.instance_id, "role": inst.role}
+            healthy.set(int(inst.healthy), **who)
+            ledger = inst.load.get("ledger") or {}
+            for _, _, key in per_instance:
+                if isinstance(inst.load.get(key), (int, float)):
+                    gauges[key].set(inst.load[key], **who)
+            for _, _, key in per_ledger:
+                if isinstance(ledger.get(key), (int, float)):
+                    gauges[key].set(ledger[key], **who)
+        routed = reg.counter("fdpd:router_requests_total", "Requests dispatched, by mode.",
+                             ("mode",))
+        for mode, n in self.stats.requests.items():
+            routed.inc(n, mode=mode)
+        reg.counter("fdpd:router_retries_total", "Requests retried on another pair.").inc(
+            self.stats.retries)
+        reg.counter("fdpd:router_instance_deaths_total", "Instances marked dead.").inc(
+            self.stats.instance_deaths)
+        return reg.render()
 
 
 def _kind(reason: str) -> str:

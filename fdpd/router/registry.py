@@ -41,6 +41,9 @@ class Instance:
         load = self.load
         out.update({k: load.get(k) for k in ("running", "waiting", "free_blocks", "kv_usage",
                                               "num_preemptions") if k in load})
+        # Fault counters: malformed/stale messages, handler bugs, dropped KV.
+        out.update({k: load[k] for k in ("transport", "unexpected_messages", "handler_errors",
+                                         "kv_dropped", "transfer_failures") if k in load})
         ledger = load.get("ledger")
         if ledger:
             out.update({"reserved_blocks": ledger["reserved_blocks"],

@@ -65,6 +65,25 @@ class ResponseFormat(Protocol):
     def response(self, output: Output, usage: dict[str, Any]) -> dict[str, Any]: ...
 
 
+# Stands in for -inf/NaN in JSON (which has neither), as vLLM does.
+LOGPROB_FLOOR = -9999.0
+
+
+def finite_logprob(value: float) -> float:
+    return value if math.isfinite(value) else LOGPROB_FLOOR
+
+
+def token_text(tokenizer: Tokenizer | None, token_id: int) -> str:
+    """How one token is shown in logprobs: its text, or ``token_id:N`` without a tokenizer
+    (vLLM's convention)."""
+    if tokenizer is None:
+        return f"token_id:{token_id}"
+    try:
+        return tokenizer.decode([token_id], skip_special_tokens=False)
+    except ValueError:
+        return f"token_id:{token_id}"
+
+
 # ---------------------------------------------------------------------- checking a request
 def sampling_params(build: Any, *args: Any, rename: dict[str, str] | None = None
                     ) -> SamplingParams:

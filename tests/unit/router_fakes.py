@@ -121,13 +121,14 @@ class ScriptedCore:
 
 class EngineCore:
     """The real ``tiny`` engine behind the core interface (one in-process engine, stepped by
-    whichever request is waiting for output)."""
+    whichever request is waiting for output). ``engine`` may be shared with an offline ``LLM``
+    used as the reference, as long as the two are not used at the same time."""
 
-    def __init__(self, max_model_len: int = 512):
+    def __init__(self, engine=None, max_model_len: int = 512):
         from fdpd.config import EngineConfig
         from fdpd.engine.engine import Engine
 
-        self.engine = Engine(EngineConfig(model="tiny", max_model_len=max_model_len))
+        self.engine = engine or Engine(EngineConfig(model="tiny", max_model_len=max_model_len))
         self.model_name = "tiny"
         self.max_model_len = self.engine.max_model_len
         self.tokenizer = self.engine.loaded.tokenizer

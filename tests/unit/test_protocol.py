@@ -11,7 +11,7 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fdpd.pd import kv_codec
+from fdpd.pd import kv_transfer
 from fdpd.pd.protocol import (
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
@@ -111,23 +111,23 @@ def test_message_with_kv_frame_arrives_intact(pair):
     a, b = pair
     kv = torch.randn(2, 2, 3, 4, 2, 8)
     a.send(b.address, KVBlocks("g", "r", 0, 3, "float32", list(kv.shape)),
-           [kv_codec.to_frame(kv)])
+           [kv_transfer.to_frame(kv)])
     inbound = wait_recv(b)
     assert inbound.envelope.src == "a"
-    got = kv_codec.from_frame(inbound.frames[0].buffer, "float32", inbound.msg.shape,
+    got = kv_transfer.from_frame(inbound.frames[0].buffer, "float32", inbound.msg.shape,
                               torch.float32, (2, 2, 99, 4, 2, 8))
     assert torch.equal(got, kv)
 
 
 def test_kv_frame_checks_layout():
     kv = torch.zeros(2, 2, 1, 4, 2, 8)
-    frame = kv_codec.to_frame(kv)
-    with pytest.raises(kv_codec.KVFrameError, match="dtype"):
-        kv_codec.from_frame(frame, "float16", kv.shape, torch.float32, kv.shape)
-    with pytest.raises(kv_codec.KVFrameError, match="shape"):
-        kv_codec.from_frame(frame, "float32", [2, 2, 1, 4, 2, 4], torch.float32, kv.shape)
-    with pytest.raises(kv_codec.KVFrameError, match="bytes"):
-        kv_codec.from_frame(frame[:-4], "float32", kv.shape, torch.float32, kv.shape)
+    frame = kv_transfer.to_frame(kv)
+    with pytest.raises(kv_transfer.KVFrameError, match="dtype"):
+        kv_transfer.from_frame(frame, "float16", kv.shape, torch.float32, kv.shape)
+    with pytest.raises(kv_transfer.KVFrameError, match="shape"):
+        kv_transfer.from_frame(frame, "float32", [2, 2, 1, 4, 2, 4], torch.float32, kv.shape)
+    with pytest.raises(kv_transfer.KVFrameError, match="bytes"):
+        kv_transfer.from_frame(frame[:-4], "float32", kv.shape, torch.float32, kv.shape)
 
 
 def test_malformed_frame_is_counted_and_answered(pair):

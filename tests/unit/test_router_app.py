@@ -21,8 +21,8 @@ from fdpd.router.app import create_app
 from fdpd.router.core import RouterError
 from fdpd.sampling_params import SamplingParams
 
-sys.path.insert(0, str(Path(__file__).parent))
-from router_fakes import EngineCore, MarkupByteTokenizer, ScriptedCore  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # see test_model.py
+from tests.unit.router_fakes import EngineCore, MarkupByteTokenizer, ScriptedCore
 
 SCRIPT_TEXT = "Hello world. The end."
 BUILTIN_CHAT = "<|system|>\nBe brief.\n<|user|>\nhi\n<|assistant|>\n"
@@ -138,11 +138,15 @@ def test_stream_without_usage_has_no_usage_chunk(client):
     assert all("usage" not in e and e["choices"] for e in events)
 
 
-def test_completion_logprobs(client):
+def test_completion_logprobs(client, core):
     r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "logprobs": 1})
     lp = r.json()["choices"][0]["logprobs"]
     assert lp["tokens"] == ["H", "e", "l"] and lp["token_logprobs"] == [-0.5] * 3
     assert lp["text_offset"] == [0, 1, 2] and lp["top_logprobs"][0] == {"H": -0.5}
+    core.logprob = float("-inf")                # JSON has no -inf: clamped, never a 500
+    r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "logprobs": 0})
+    lp = r.json()["choices"][0]["logprobs"]
+    assert lp["token_logprobs"] == [-9999.0] and lp["top_logprobs"] is None
 
 
 # ------------------------------------------------------------------------------ stop strings
@@ -504,8 +508,8 @@ def serve(app) -> Iterator[str]:
 def engine_reference():
     from fdpd.llm import LLM
 
-    core = EngineCore()
     llm = LLM("tiny")
+    core = EngineCore(llm.engine)
 
     def reference(prompt_ids: list[int], max_tokens: int) -> str:
         params = SamplingParams(temperature=0, max_tokens=max_tokens)
@@ -557,16 +561,21 @@ def test_openai_sdk_against_uvicorn(engine_reference):
             bad_key.models.list()
 
 
-def test_stream_disconnect_over_real_http():
+@pytest.mark.parametrize("stream", [False, True])
+def test_disconnect_over_real_http_aborts(stream):
     import httpx
 
     core = ScriptedCore(hang_after=2)
     with serve(create_app(core)) as url:
-        with httpx.Client(timeout=10) as http:
-            with http.stream("POST", f"{url}/v1/completions",
-                             json={"prompt": "hi", "stream": True}) as r:
+        if stream:
+            with httpx.Client(timeout=10) as http, http.stream(
+                    "POST", f"{url}/v1/completions", json={"prompt": "hi", "stream": True}) as r:
                 assert r.status_code == 200
                 next(r.iter_raw())
+        else:
+            # The client gives up waiting: its connection closes with the request running.
+            with httpx.Client(timeout=0.3) as http, pytest.raises(httpx.ReadTimeout):
+                http.post(f"{url}/v1/completions", json={"prompt": "hi"})
         deadline = time.monotonic() + 5
         while not core.aborts and time.monotonic() < deadline:
             time.sleep(0.01)
