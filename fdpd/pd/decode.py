@@ -14,7 +14,7 @@ import logging
 from fdpd.engine.block_manager import compute_block_hashes
 from fdpd.engine.engine import RequestError, StepOutput
 from fdpd.pd import kv_transfer
-from fdpd.pd.ledger import GrantRecord, LedgerError, ReservationLedger
+from fdpd.pd.ledger import GrantRecord, ReservationLedger
 from fdpd.pd.protocol import (
     Abort,
     AllocRequest,
@@ -42,12 +42,14 @@ class DecodeService(InstanceService):
         self.handlers.update({AllocRequest: self.on_alloc, KVBlocks: self.on_kv,
                               PrefillDone: self.on_prefill_done})
         self.routes: dict[str, str] = {}           # running req_id -> router inbox
+        self.peers: dict[str, str] = {}            # prefill instance id -> its inbox
         self.counters.update({"kv_bytes_received": 0, "kv_blocks_received": 0,
                               "kv_dropped": 0, "transfer_failures": 0})
 
     # ------------------------------------------------------------------ admission
     def on_alloc(self, inbound: Inbound) -> None:
         msg: AllocRequest = inbound.msg
+        self.peers[inbound.envelope.src] = msg.reply_to
         try:
             # Validate the request as this engine will run it, before promising anything.
             self.build_request(msg)
@@ -103,7 +105,7 @@ class DecodeService(InstanceService):
         g = self.ledger.grants.get(msg.grant_id)
         if g is None or g.req_id != msg.req_id:
             self.counters["kv_dropped"] += 1
-            address = self.peers_address(inbound)
+            address = self.peers.get(inbound.envelope.src)
             if address:
                 self.send(address, TransferResult(msg.grant_id, msg.req_id, False,
                                                   "unknown or expired grant"))
@@ -141,9 +143,6 @@ class DecodeService(InstanceService):
         self.send(g.reply_to, TransferResult(g.grant_id, g.req_id, False, reason))
         self.send(g.msg.router_reply_to, Error("transfer_failed", reason, g.req_id))
 
-    def peers_address(self, inbound: Inbound) -> str | None:
-        return None
-
     # ------------------------------------------------------------------ decoding
     def on_step(self, outputs: list[StepOutput]) -> None:
         for out in outputs:
@@ -162,12 +161,6 @@ class DecodeService(InstanceService):
         if g is not None:
             self.ledger.release(g.grant_id)
         self.ledger.cancel_waiting(msg.req_id)
-
-    def check(self) -> None:
-        try:
-            self.ledger.check()
-        except LedgerError:
-            raise
 
     def load(self) -> dict:
         return {**super().load(), "ledger": self.ledger.snapshot()}

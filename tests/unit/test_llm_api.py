@@ -309,3 +309,15 @@ def test_cli_generate_reports_bad_args_without_a_traceback():
     assert result.exit_code != 0
     assert "block_size: must be a power of two, got 3" in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_cli_bench_engine_quick():
+    pytest.importorskip("transformers")
+    result = CliRunner().invoke(main, ["bench", "engine", "--quick", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["config"]["num_prompts"] == 4
+    names = [r["name"] for r in report["results"]]
+    assert names == ["fdpd", "transformers"]
+    assert all(r["output_tokens"] == 4 * 8 for r in report["results"])
+    assert report["greedy_agreement"] == {"agree": 4, "prompts": 4}
