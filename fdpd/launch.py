@@ -64,25 +64,11 @@ class FrontendModel:
 
 
 def load_frontend_model(model: str, max_model_len: int | None) -> FrontendModel:
-    from pathlib import Path
+    from fdpd.engine.engine import resolve_max_model_len
+    from fdpd.model.loader import load_model_metadata
 
-    from fdpd.model.loader import read_model_config
-    from fdpd.model.tiny import TINY_CONFIG, tiny_tokenizer
-    from fdpd.model.tokenizer import load_tokenizer
-
-    if model == "tiny":
-        cfg, tok = TINY_CONFIG, tiny_tokenizer()
-    else:
-        path = Path(model)
-        if not (path / "config.json").is_file():
-            raise ValueError(f"model {model!r} is neither the built-in 'tiny' nor a directory "
-                             "containing config.json")
-        cfg = read_model_config(path)
-        tok = load_tokenizer(path, cfg.eos_token_ids, cfg.bos_token_id)
-    limit = cfg.max_position_embeddings
-    if cfg.sliding_window:
-        limit = min(limit, cfg.sliding_window)
-    return FrontendModel(model, min(limit, max_model_len or limit), tok,
+    cfg, tok = load_model_metadata(model)
+    return FrontendModel(model, resolve_max_model_len(cfg, max_model_len), tok,
                          getattr(tok, "chat_template", None) if tok is not None else None)
 
 

@@ -58,6 +58,16 @@ class LLM:
                 [CompletionOutput(0, "", [], None, None)])
             streams[req.request_id] = TextStream(self.tokenizer, req.prompt_token_ids,
                                                  req.sampling_params)
+        try:
+            self._run(results, streams)
+        except BaseException:
+            # Ctrl-C or an engine error: leave no request of this call behind in the engine.
+            for req, _ in pending:
+                self.engine.abort_request(req.request_id)
+            raise
+        return [results[req.request_id] for req, _ in pending]
+
+    def _run(self, results: dict[str, RequestOutput], streams: dict[str, TextStream]) -> None:
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
                 result = results[out.request_id]
@@ -79,7 +89,6 @@ class LLM:
                 if finished:
                     result.finished = True
                     completion.finish_reason, completion.stop_reason = reason, stop
-        return [results[req.request_id] for req, _ in pending]
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -100,6 +109,9 @@ class LLM:
 def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
     if isinstance(prompts, (str, dict)):
         return [prompts]
+    if not isinstance(prompts, Sequence):
+        raise RequestError("prompt", f"expected text, a list of token ids or a list of prompts, "
+                           f"got {type(prompts).__name__}")
     prompts = list(prompts)
     if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
         return [prompts]                       # one prompt given as token ids

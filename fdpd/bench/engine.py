@@ -1,16 +1,18 @@
 """``fdpd bench engine``: offline throughput of fdpd's engine against ``transformers`` generate.
 
 Both run the same mixed-length batch of token-id prompts, greedy, the same number of output
-tokens per prompt, on the same weights, in one process with the same torch thread count, one
-after the other. ``transformers`` runs the way people batch it: left padding plus an attention
-mask, ``--max-num-seqs`` prompts per ``generate`` call (fdpd's batch limit), with its default
-dynamic KV cache. Neither gets to stop early: fdpd ignores EOS, and ``transformers``' generation
-config has its EOS removed (``min_new_tokens`` would mask the EOS logit instead, which changes
-greedy choices and breaks the token-for-token comparison).
+tokens per prompt, on the same weights, in one process with the same torch thread count.
+``transformers`` runs the way people batch it: left padding plus an attention mask,
+``--max-num-seqs`` prompts per ``generate`` call (fdpd's batch limit), its default dynamic KV
+cache. Neither stops early: fdpd ignores EOS, and ``transformers``' generation config has its EOS
+removed (``min_new_tokens`` would mask the EOS logit instead, which changes greedy choices and
+breaks the token-for-token comparison).
 
 Timings are wall clock around ``generate`` only; model loading and a short warm-up run of each
-are excluded. Greedy outputs are compared per prompt; in float32 they should agree, and the
-count is printed either way.
+are excluded. Each engine runs ``--repeat`` times, interleaved, and its fastest run counts: on a
+shared machine, background load then slows both alike instead of whichever ran second. Greedy
+outputs are compared per prompt; in float32 they should agree, and the count is printed either
+way.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import click
 QUICK = {"num_prompts": 4, "min_len": 8, "max_len": 48, "output_len": 8, "repeat": 1}
 QUICK_MODEL = {"hidden": 64, "layers": 2, "vocab": 1024}
 DEFAULT_MODEL = {"hidden": 256, "layers": 4, "vocab": 32000}
+POSITIVE = click.IntRange(min=1)
 
 
 @dataclass(frozen=True)
@@ -60,11 +63,12 @@ def prepare_fdpd(model: str, prompts: list[list[int]], output_len: int, dtype: s
     from fdpd.llm import LLM
     from fdpd.sampling_params import SamplingParams
 
+    block_size = 16
     longest = max(map(len, prompts)) + output_len
     llm = LLM(model, dtype=dtype, max_num_seqs=max_num_seqs,
-              max_num_batched_tokens=max_num_batched_tokens,
+              max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
               # Room for the whole batch: this measures throughput, not preemption.
-              num_kv_blocks=-(-longest // 16) * max_num_seqs + 1)
+              num_kv_blocks=-(-longest // block_size) * max_num_seqs + 1)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate([prompts[0][:8]], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
 
@@ -132,21 +136,24 @@ def _overrides_for_quick(ctx: click.Context, values: dict) -> dict:
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--num-prompts", default=32, help="Prompts in the batch.")
-@click.option("--min-len", default=32, help="Shortest prompt, tokens.")
-@click.option("--max-len", default=512, help="Longest prompt, tokens.")
-@click.option("--output-len", default=128, help="Tokens generated per prompt (both engines).")
-@click.option("--model", default=None, help="Hugging Face model directory. Default: a synthetic "
-              "Llama (hidden 256, 4 layers, 4 heads / 2 KV heads, vocab 32000, seeded random "
-              "weights) written to a temporary directory.")
+@click.option("--num-prompts", default=32, type=POSITIVE, help="Prompts in the batch.")
+@click.option("--min-len", default=32, type=POSITIVE, help="Shortest prompt, tokens.")
+@click.option("--max-len", default=512, type=POSITIVE, help="Longest prompt, tokens.")
+@click.option("--output-len", default=128, type=POSITIVE,
+              help="Tokens generated per prompt (both engines).")
+@click.option("--model", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Hugging Face model directory. Default: a synthetic Llama (hidden 256, "
+              "4 layers, 4 heads / 2 KV heads, vocab 32000, seeded random weights) written to a "
+              "temporary directory.")
 @click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]))
-@click.option("--max-num-seqs", default=32, help="fdpd's batch limit; also transformers' "
-              "batch size per generate call.")
-@click.option("--max-num-batched-tokens", default=512, help="fdpd's token budget per step.")
-@click.option("--threads", default=1, help="torch threads (both engines).")
+@click.option("--max-num-seqs", default=32, type=POSITIVE,
+              help="fdpd's batch limit; also transformers' batch size per generate call.")
+@click.option("--max-num-batched-tokens", default=512, type=POSITIVE,
+              help="fdpd's token budget per step.")
+@click.option("--threads", default=1, type=POSITIVE, help="torch threads (both engines).")
 @click.option("--seed", default=0, help="Seed of the prompts.")
-@click.option("--repeat", default=3, help="Timed runs of each engine, interleaved; the fastest "
-              "counts (this machine is shared and noisy).")
+@click.option("--repeat", default=3, type=POSITIVE, help="Timed runs of each engine, "
+              "interleaved; the fastest counts (this machine is shared and noisy).")
 @click.option("--quick", is_flag=True, help=f"Sanity run: {QUICK} on a small synthetic model "
               f"{QUICK_MODEL}, unless given explicitly.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
@@ -208,6 +215,8 @@ def command(ctx: click.Context, **values) -> None:
 
 def _resolve_model(model: str | None, quick: bool, tmp: Path) -> tuple[str, dict]:
     if model is not None:
+        if not (Path(model) / "config.json").is_file():
+            raise click.BadParameter(f"{model} has no config.json", param_hint="--model")
         cfg = json.loads((Path(model) / "config.json").read_text())
         keys = ("architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "intermediate_size", "vocab_size")

@@ -19,10 +19,25 @@ from fdpd.engine.request import Request, RequestStatus
 from fdpd.engine.runner import BatchItem, ModelRunner, kv_block_bytes
 from fdpd.engine.sampler import Sampler, SamplingRow
 from fdpd.engine.scheduler import PreemptionHandler, Scheduler
-from fdpd.model.loader import LoadedModel, load_model
+from fdpd.model.config import ModelConfig
+from fdpd.model.loader import LoadedModel, load_model, load_model_metadata
 from fdpd.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+
+
+def resolve_max_model_len(mc: ModelConfig, asked: int | None) -> int:
+    limit = mc.max_position_embeddings
+    if mc.sliding_window is not None and mc.sliding_window < limit:
+        # Within the window, sliding-window attention equals full attention; beyond it the
+        # paged kernel would need a window mask, so the context stops there.
+        limit = mc.sliding_window
+    if asked is None:
+        return limit
+    if asked > limit:
+        raise ConfigError("max_model_len", f"{asked} exceeds the model's limit of {limit} "
+                          "tokens (max_position_embeddings or sliding_window)")
+    return asked
 
 
 class RequestError(ValueError):
@@ -52,13 +67,17 @@ class Engine:
                  preemption: PreemptionHandler | None = None):
         self.config = config
         self.device = torch.device(config.device)
-        self.loaded = loaded or load_model(config.model, dtype=config.dtype,
-                                           device=config.device,
-                                           max_positions=config.max_model_len)
+        if loaded is None:
+            # Check the context limit before building anything sized by it (the RoPE table).
+            limit = resolve_max_model_len(load_model_metadata(config.model)[0],
+                                          config.max_model_len)
+            loaded = load_model(config.model, dtype=config.dtype, device=config.device,
+                                max_positions=limit)
+        self.loaded = loaded
         mc = self.loaded.config
         self.model_config = mc
         self.dtype = getattr(torch, self.loaded.dtype)
-        self.max_model_len = self._resolve_max_model_len()
+        self.max_model_len = resolve_max_model_len(mc, config.max_model_len)
         bytes_per_block = kv_block_bytes(self.loaded.model, config.block_size, self.dtype)
         num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory // bytes_per_block)
         self.fingerprint = mc.fingerprint(self.loaded.dtype, config.block_size)
@@ -75,20 +94,6 @@ class Engine:
         self.sampler = Sampler(mc.vocab_size, self.device)
         self._seeds = random.Random(config.seed)
         self.eos_token_ids = self._eos_token_ids()
-
-    def _resolve_max_model_len(self) -> int:
-        mc, asked = self.model_config, self.config.max_model_len
-        limit = mc.max_position_embeddings
-        if mc.sliding_window is not None and mc.sliding_window < limit:
-            # Within the window, sliding-window attention equals full attention; beyond it
-            # the paged kernel would need a window mask, so the context stops there.
-            limit = mc.sliding_window
-        if asked is None:
-            return limit
-        if asked > limit:
-            raise ConfigError("max_model_len", f"{asked} exceeds the model's limit of {limit} "
-                              "tokens (max_position_embeddings or sliding_window)")
-        return asked
 
     def _eos_token_ids(self) -> tuple[int, ...]:
         ids = set(self.model_config.eos_token_ids)

@@ -4,8 +4,10 @@ block tables.
 One engine step runs a flat batch of ``T`` new tokens from many requests. Tokens are written to
 the cache through ``slot_mapping`` (slot = block_id * block_size + offset), then each query reads
 its keys back through the request's block table. Requests that add one token (decodes) are
-attended together as one padded batch; requests that add a chunk of prompt are attended one by
-one, since padding a 500-token chunk next to 30 single-token decodes would waste 30x the work.
+attended in a few padded batches of similar context length (whole blocks gathered at once:
+per-token gathers cost more than the attention itself on CPU); requests that add a chunk of
+prompt are attended one by one, since padding a 500-token chunk next to 30 single-token decodes
+would waste 30x the work.
 
 Buffer rules: the metadata tensors are built once per step on the runner's device and only read
 here; the KV cache is written only through ``write_kv``.
@@ -35,14 +37,21 @@ class PrefillSpan:
 
 
 @dataclass
+class DecodeGroup:
+    """Requests adding one token each, attended as one padded batch."""
+
+    token_index: torch.Tensor         # [B] flat-batch index of each decode token
+    block_table: torch.Tensor         # [B, W] block ids, padded with block 0
+    mask: torch.Tensor                # [B, 1, 1, W * block_size] True where a key is visible
+    # The group's tokens form one contiguous run of the flat batch (saves a gather/scatter).
+    run: tuple[int, int] | None = None
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor                 # [T] where each new token's K/V is written
-    decode_token_index: torch.Tensor | None    # [B] flat-batch index of each decode token
-    decode_key_slots: torch.Tensor | None      # [B, S] cache slots of keys, padded
-    decode_mask: torch.Tensor | None           # [B, 1, 1, S] True where a key is visible
     prefills: list[PrefillSpan]
-    # Decode tokens form one contiguous run in the flat batch, which saves a gather/scatter.
-    decode_run: tuple[int, int] | None = None
+    decodes: list[DecodeGroup]
 
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -75,19 +84,17 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
             attn_mask=span.mask, is_causal=span.mask is None, scale=scale, enable_gqa=True)
         out[rows] = o.squeeze(0).transpose(0, 1)
 
-    if meta.decode_token_index is not None:
-        if meta.decode_run is not None:
-            rows = slice(*meta.decode_run)
-            qd = q[rows]
-        else:
-            qd = q.index_select(0, meta.decode_token_index)
-        keys = k_flat[meta.decode_key_slots].transpose(1, 2)      # [B, Hkv, S, D]
-        values = v_flat[meta.decode_key_slots].transpose(1, 2)
+    for group in meta.decodes:
+        qd = q[slice(*group.run)] if group.run else q.index_select(0, group.token_index)
+        b, w = group.block_table.shape
+        blocks = group.block_table.flatten()
+        keys = cache[0].index_select(0, blocks).view(b, -1, num_kv_heads, head_dim)
+        values = cache[1].index_select(0, blocks).view(b, -1, num_kv_heads, head_dim)
         o = F.scaled_dot_product_attention(
-            qd.unsqueeze(2), keys, values, attn_mask=meta.decode_mask, scale=scale,
-            enable_gqa=True).squeeze(2)                           # [B, Hq, D]
-        if meta.decode_run is not None:
-            out[rows] = o
+            qd.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=group.mask,
+            scale=scale, enable_gqa=True).squeeze(2)              # [B, Hq, D]
+        if group.run:
+            out[slice(*group.run)] = o
         else:
-            out.index_copy_(0, meta.decode_token_index, o)
+            out.index_copy_(0, group.token_index, o)
     return out

@@ -33,17 +33,11 @@ def load_model(model: str = "tiny", dtype: str = "auto", device: str = "cpu",
     """Build the model in eval mode on ``device``. ``dtype`` "auto" keeps the checkpoint's
     ``torch_dtype``; ``max_positions`` bounds the RoPE table (default: the model's
     ``max_position_embeddings``)."""
+    cfg, tokenizer = load_model_metadata(model)
     if model == "tiny":
-        cfg, tokenizer = TINY_CONFIG, tiny_tokenizer()
         weights: Iterator[tuple[str, torch.Tensor]] = iter(tiny_state_dict().items())
     else:
-        directory = Path(model)
-        if not (directory / "config.json").is_file():
-            raise ValueError(f"model {model!r} is neither the built-in 'tiny' nor a directory "
-                             f"containing config.json")
-        cfg = read_model_config(directory)
-        tokenizer = load_tokenizer(directory, cfg.eos_token_ids, cfg.bos_token_id)
-        weights = iter_safetensors(directory)
+        weights = iter_safetensors(Path(model))
     dtype_name = cfg.torch_dtype if dtype == "auto" else dtype
     if dtype_name not in DTYPES:
         raise ConfigError("dtype", f"must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
@@ -56,6 +50,18 @@ def load_model(model: str = "tiny", dtype: str = "auto", device: str = "cpu",
         raise ValueError(f"model {model!r}: {e}") from e
     return LoadedModel(model=net.eval(), config=cfg, tokenizer=tokenizer, dtype=dtype_name,
                        source=model)
+
+
+def load_model_metadata(model: str) -> tuple[ModelConfig, Tokenizer | None]:
+    """The model's config and tokenizer, without weights (what a router needs)."""
+    if model == "tiny":
+        return TINY_CONFIG, tiny_tokenizer()
+    directory = Path(model)
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"model {model!r} is neither the built-in 'tiny' nor a directory "
+                         f"containing config.json")
+    cfg = read_model_config(directory)
+    return cfg, load_tokenizer(directory, cfg.eos_token_ids, cfg.bos_token_id)
 
 
 def model_fingerprint(loaded: LoadedModel, block_size: int) -> bytes:

@@ -10,9 +10,10 @@
 Every process is started with ``python -m fdpd launch --role ...`` (the operator's command) on
 127.0.0.1 with free ports, one torch thread, its own process group and its own log file.
 ``start`` returns when the router answers ``/health`` and ``/v1/cluster`` lists every instance
-healthy. On exit the harness (optionally) waits until every live decode's ledger is back to
-zero, then SIGTERMs every process group, SIGKILLs what does not exit, and checks each is gone.
-Every failure it raises carries the tail of every process's log.
+healthy with a load report. On exit the harness (optionally) waits until every live instance
+is idle and every decode's ledger is back to zero, then SIGTERMs every process group, SIGKILLs
+what does not exit, and checks each is gone. Every failure it raises carries the tail of every
+process's log.
 """
 
 from __future__ import annotations
@@ -157,12 +158,10 @@ class Cluster:
         """SIGTERM every group, SIGKILL stragglers, reap; returns groups that are still there."""
         procs = [p for p in (*self.processes, self.router) if p is not None]
         for p in procs:
-            if p.alive:
-                p.signal(signal.SIGTERM)
-                p.signal(signal.SIGCONT)
+            p.terminate()
         deadline = time.monotonic() + self.stop_timeout
         for p in procs:
-            code, killed = p.stop(max(0.1, deadline - time.monotonic()))
+            code, killed = p.stop(max(0.1, deadline - time.monotonic()), terminate=False)
             self.stop_report[p.name] = (code, killed)
         for c in [*self._clients, self._http]:
             if c is not None:
@@ -219,10 +218,11 @@ class Cluster:
 
     def kill(self, instance: ClusterProcess, sig: int = signal.SIGKILL) -> None:
         """Signal the instance's process group; for SIGKILL/SIGTERM wait until it exited."""
-        instance.signal(sig)
+        if sig == signal.SIGTERM:
+            instance.terminate()
+        else:
+            instance.signal(sig)
         if sig in (signal.SIGKILL, signal.SIGTERM):
-            if sig == signal.SIGTERM:
-                instance.signal(signal.SIGCONT)
             if instance.wait(self.stop_timeout) is None:
                 raise self.error(f"{instance.name} did not exit after signal {sig}")
 
@@ -243,7 +243,7 @@ class Cluster:
 
         def registered() -> dict | None:
             v = self.view(instance)
-            if v and v["healthy"] and v["epoch"] != old_epoch and instance.ready_line():
+            if v and _reporting(v) and v["epoch"] != old_epoch and instance.ready_line():
                 return v
             return None
 
@@ -252,7 +252,7 @@ class Cluster:
 
     def _all_registered(self) -> bool:
         views = {v["instance_id"]: v for v in self.cluster()["instances"]}
-        return all(p.name in views and views[p.name]["healthy"] for p in self.processes)
+        return all(p.name in views and _reporting(views[p.name]) for p in self.processes)
 
     # ------------------------------------------------------------------ waiting and checks
     def wait_for(self, predicate: Callable[[], T], timeout: float, *, interval: float = 0.05,
@@ -313,6 +313,12 @@ class Cluster:
                 parts.append(f"----- {p.name} (pid {p.pid}, {state}, {p.log_path}) -----\n"
                              f"{p.log_tail(lines)}")
         return "\n".join(parts)
+
+
+def _reporting(view: dict) -> bool:
+    """Healthy, and its load is known: a heartbeat arrived after the registration (until then
+    /v1/cluster has no load fields for it)."""
+    return view["healthy"] and "running" in view
 
 
 def _busy(view: dict) -> Iterable[str]:

@@ -103,15 +103,22 @@ class ClusterProcess:
             return None
         return code
 
-    def stop(self, timeout: float) -> tuple[int | None, bool]:
-        """SIGTERM the group (waking it if stopped), wait, then SIGKILL. Returns the exit code
-        and whether SIGKILL was needed."""
+    def terminate(self) -> None:
+        """SIGTERM the group once (a second SIGTERM could land after Python restored the default
+        handler at interpreter exit and turn a clean exit into death by signal)."""
+        if self.alive:
+            self.signal(signal.SIGTERM)
+            self.signal(signal.SIGCONT)          # a stopped process cannot act on SIGTERM
+
+    def stop(self, timeout: float, terminate: bool = True) -> tuple[int | None, bool]:
+        """SIGTERM the group (unless ``terminate`` is False: already done), wait, then SIGKILL.
+        Returns the exit code and whether SIGKILL was needed."""
         if self.proc is None:
             return None, False
         killed = False
         if self.proc.poll() is None:
-            self.signal(signal.SIGTERM)
-            self.signal(signal.SIGCONT)          # a stopped process cannot act on SIGTERM
+            if terminate:
+                self.terminate()
             if self.wait(timeout) is None:
                 killed = True
                 self.signal(signal.SIGKILL)

@@ -60,8 +60,7 @@ CHECKPOINTS = {
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    # Batch composition changes with preemption; one thread also keeps the run within budget on
-    # the 2-core CI machine.
+    # Keeps the file within its time budget on the 2-core CI machine.
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -108,8 +107,9 @@ class LogitRecorder:
         def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
             for i, row in enumerate(rows):
                 key = (tuple(row.prompt_token_ids), row.position)
-                # The duplicate prompt repeats keys; both rows are checked against the
-                # reference, and the later one is kept.
+                # The duplicate prompt repeats keys. Its two rows ran in different batches, so
+                # they agree within LOGIT_TOL, not bit for bit; the later one is checked
+                # against the reference.
                 if key in self.rows:
                     diff = float((self.rows[key] - logits[i]).abs().max())
                     assert diff <= LOGIT_TOL, (key[1], diff)
@@ -117,6 +117,23 @@ class LogitRecorder:
             return inner(logits, rows)
 
         sampler.sample = sample
+
+
+class PreemptionLog:
+    """Wraps the scheduler's ``PreemptionHandler`` to record how many tokens each preempted
+    request had generated when it lost its blocks."""
+
+    def __init__(self, llm: LLM):
+        self.outputs_at_preemption: list[int] = []
+        inner = llm.engine.scheduler.preemption
+        log = self
+
+        class Recording:
+            def preempt(self, request, block_manager) -> None:
+                log.outputs_at_preemption.append(request.num_output_tokens)
+                inner.preempt(request, block_manager)
+
+        llm.engine.scheduler.preemption = Recording()
 
 
 def run_batch(llm: LLM, prompts: list[list[int]], params: SamplingParams = GREEDY):
@@ -169,9 +186,11 @@ def assert_stress_paths_taken(llm: LLM, prompts: list[list[int]], outs) -> None:
 def test_tiny_greedy_matches_reference():
     llm = LLM("tiny", dtype="float32", **ENGINE_ARGS)
     prompts = mixed_prompts(TINY_CONFIG.vocab_size)
-    recorder = LogitRecorder(llm)
+    recorder, preemptions = LogitRecorder(llm), PreemptionLog(llm)
     outs = run_batch(llm, prompts)
     assert_stress_paths_taken(llm, prompts, outs)
+    # Some victims had already generated tokens: their recompute covers output tokens too.
+    assert max(preemptions.outputs_at_preemption) > 0, preemptions.outputs_at_preemption
     assert_matches_reference(ReferenceModel(TINY_CONFIG, tiny_state_dict()), prompts, outs,
                              recorder)
 
@@ -186,9 +205,10 @@ def test_checkpoint_greedy_matches_reference(ckpt_dir, case):
     if case == "mistral_window":
         assert cfg.sliding_window == 256 and llm.engine.max_model_len == 256
     prompts = mixed_prompts(cfg.vocab_size, seed=1)
-    recorder = LogitRecorder(llm)
+    recorder, preemptions = LogitRecorder(llm), PreemptionLog(llm)
     outs = run_batch(llm, prompts)
     assert_stress_paths_taken(llm, prompts, outs)
+    assert max(preemptions.outputs_at_preemption) > 0, preemptions.outputs_at_preemption
     assert_matches_reference(ReferenceModel(cfg, checkpoint_state_dict(path)), prompts, outs,
                              recorder)
 

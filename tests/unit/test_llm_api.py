@@ -211,16 +211,34 @@ def test_bad_requests_name_the_field_and_leave_the_llm_usable():
         assert greedy_ids(llm, [5, 6, 7], max_tokens=4) == expected
 
 
-@pytest.mark.xfail(strict=True, reason="LLM.generate(3.5) raises a bare TypeError ('float' "
-                   "object is not iterable) from _as_prompt_list instead of RequestError")
 def test_a_prompt_of_the_wrong_type_is_a_request_error(llm):
-    with pytest.raises(RequestError, match="prompt"):
+    with pytest.raises(RequestError, match="prompt: expected text, a list of token ids or a "
+                       "list of prompts, got float"):
         llm.generate(3.5)
 
 
 def test_a_prompt_element_of_the_wrong_type_is_a_request_error(llm):
     with pytest.raises(RequestError, match="prompt: expected text or a list of token ids"):
         llm.generate([1.5, 2])
+
+
+def test_an_interrupted_generate_leaves_the_llm_usable():
+    llm = LLM("tiny")
+    expected = greedy_ids(llm, "hi", max_tokens=4)
+    inner, calls = llm.engine.step, []
+
+    def step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt          # Ctrl-C in a notebook, mid-batch
+        return inner()
+
+    llm.engine.step = step
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(["abc", "def"], SamplingParams(max_tokens=8))
+    llm.engine.step = inner
+    assert greedy_ids(llm, "hi", max_tokens=4) == expected
+    assert_idle(llm)
 
 
 @pytest.mark.parametrize("args, field", [

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fdpd.config import ConfigError
-from fdpd.model.attention import AttentionMetadata, PrefillSpan
+from fdpd.model.attention import AttentionMetadata, DecodeGroup, PrefillSpan
 from fdpd.model.loader import LoadedModel, load_model, model_fingerprint
 from fdpd.model.reference import ReferenceModel
 from fdpd.model.tiny import TINY_CONFIG, export_tiny, tiny_state_dict
@@ -70,8 +70,7 @@ def paged_logits(loaded: LoadedModel, ids: list[int]) -> torch.Tensor:
     cache = _kv_cache(loaded, t)
     span = PrefillSpan(token_start=0, num_new=t, start=0, key_slots=torch.arange(t),
                        mask=_window_mask(loaded.config, 0, t))
-    meta = AttentionMetadata(slot_mapping=torch.arange(t), decode_token_index=None,
-                             decode_key_slots=None, decode_mask=None, prefills=[span])
+    meta = AttentionMetadata(slot_mapping=torch.arange(t), prefills=[span], decodes=[])
     hidden = loaded.model(torch.tensor(ids), torch.arange(t), cache, meta)
     return loaded.model.compute_logits(hidden)
 
@@ -82,13 +81,14 @@ def paged_decode_logits(loaded: LoadedModel, ids: list[int]) -> torch.Tensor:
     cache = _kv_cache(loaded, t)
     span = PrefillSpan(token_start=0, num_new=t - 1, start=0, key_slots=torch.arange(t - 1),
                        mask=None)
-    meta = AttentionMetadata(slot_mapping=torch.arange(t - 1), decode_token_index=None,
-                             decode_key_slots=None, decode_mask=None, prefills=[span])
+    meta = AttentionMetadata(slot_mapping=torch.arange(t - 1), prefills=[span], decodes=[])
     loaded.model(torch.tensor(ids[:-1]), torch.arange(t - 1), cache, meta)
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor([t - 1]), decode_token_index=torch.tensor([0]),
-        decode_key_slots=torch.arange(t)[None], decode_mask=torch.ones(1, 1, 1, t, dtype=bool),
-        prefills=[], decode_run=(0, 1))
+    # One decode group: blocks 0..W-1 hold positions 0..t-1 (slot = position).
+    bs = cache.shape[3]
+    width = -(-t // bs)
+    mask = (torch.arange(width * bs) < t)[None, None, None, :]
+    group = DecodeGroup(torch.tensor([0]), torch.arange(width)[None], mask, run=(0, 1))
+    meta = AttentionMetadata(slot_mapping=torch.tensor([t - 1]), prefills=[], decodes=[group])
     hidden = loaded.model(torch.tensor(ids[-1:]), torch.tensor([t - 1]), cache, meta)
     return loaded.model.compute_logits(hidden)[0]
 
