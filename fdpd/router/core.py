@@ -113,7 +113,8 @@ class RouterCore:
         self.control_address = control_address
         self.registry = Registry(timeout=max(2.0, 6 * pd.heartbeat_interval))
         self.affinity = policy.PrefixAffinity()
-        self.inflight: dict[str, Inflight] = {}
+        self.inflight: dict[str, Inflight] = {}           # by the attempt's wire id
+        self._current: dict[str, str] = {}                # request id -> its current wire id
         self.stats = RouterStats()
         self.epoch = new_epoch()
         self._seeds = random.Random()
@@ -149,13 +150,29 @@ class RouterCore:
                       else self.max_model_len - len(prompt_token_ids))
         deadline = time.monotonic() + self.pd.request_timeout
         hashes = self.affinity.hashes(prompt_token_ids)
+        attempts = self._attempts(request_id, prompt_token_ids, params, seed, max_tokens,
+                                  deadline, hashes)
+        try:
+            async for delta in attempts:
+                yield delta
+        finally:
+            await attempts.aclose()             # runs its cleanup (Aborts) now, not at GC
+            self._current.pop(request_id, None)
+
+    async def _attempts(self, request_id, prompt_token_ids, params, seed, max_tokens, deadline,
+                        hashes) -> AsyncIterator[TokenDelta]:
         excluded: set[str] = set()
         last: Failure | None = None
         for attempt in range(self.max_attempts):
             if attempt:
                 self.stats.retries += 1
-            flight = self._dispatch(request_id, prompt_token_ids, params, seed, max_tokens,
+            # Each attempt has its own id on the wire, so that late messages about an earlier
+            # attempt (a woken prefill's Reject, its Abort to the decode) cannot touch this one.
+            wire_id = f"{request_id}/retry{attempt}" if attempt else request_id
+            flight = self._dispatch(wire_id, prompt_token_ids, params, seed, max_tokens,
                                     deadline, hashes, excluded)
+            if flight is not None:
+                self._current[request_id] = wire_id
             if flight is None:
                 if last is None:
                     raise RouterError(503, "no_instances", "no healthy instance can serve "
@@ -237,13 +254,13 @@ class RouterCore:
     async def abort(self, request_id: str, reason: str) -> None:
         """End a request for good (client gone, stop string): no retry, and every instance
         that may hold state for it is told at once."""
-        flight = self.inflight.get(request_id)
+        flight = self.inflight.get(self._current.get(request_id, request_id))
         if flight is None:
             return
         flight.queue.put_nowait(Failure(f"aborted: {reason}", final=True, status=499))
         for inst in (flight.prefill, flight.decode):
             if inst is not None:
-                self._send(inst.address, Abort(request_id, reason))
+                self._send(inst.address, Abort(flight.req_id, reason))
 
     def _send(self, address: str, msg) -> None:
         if self.transport is not None:
@@ -284,7 +301,12 @@ class RouterCore:
                                            final=not msg.retryable,
                                            status=503 if msg.retryable else 400))
         elif isinstance(msg, GrantExpired):
-            self._fail(msg.req_id, Failure("decode grant expired", env.src))
+            # The lease ran out because the prefill did not deliver the KV in time; the decode
+            # has freed the blocks and is fine, so the retry avoids the prefill, not the decode.
+            flight = self.inflight.get(msg.req_id)
+            blame = flight.prefill.instance_id if flight and flight.prefill else env.src
+            self._fail(msg.req_id, Failure("decode grant expired before the KV transfer "
+                                           "finished", blame))
         elif isinstance(msg, Error):
             if msg.req_id:
                 self._fail(msg.req_id, Failure(f"{msg.code}: {msg.message}", env.src))

@@ -222,9 +222,9 @@ class Cluster:
             instance.terminate()
         else:
             instance.signal(sig)
-        if sig in (signal.SIGKILL, signal.SIGTERM):
-            if instance.wait(self.stop_timeout) is None:
-                raise self.error(f"{instance.name} did not exit after signal {sig}")
+        if (sig in (signal.SIGKILL, signal.SIGTERM)
+                and instance.wait(self.stop_timeout) is None):
+            raise self.error(f"{instance.name} did not exit after signal {sig}")
 
     def pause(self, instance: ClusterProcess) -> None:
         instance.signal(signal.SIGSTOP)
