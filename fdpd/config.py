@@ -47,6 +47,13 @@ class EngineConfig:
                                      "model's max_position_embeddings).")
     enable_prefix_caching: bool = _opt(True, "Reuse KV blocks of identical prompt prefixes.")
     scheduling_policy: str = _opt("fcfs", "Queue order: fcfs or priority (lower value first).")
+    kv_store: str | None = _opt(None, "KV store for preempted (and, with "
+                                "--kv-store-write-finished, finished) requests' KV: "
+                                "disk:PATH | redis://HOST:PORT/DB | mooncake://MASTER?...")
+    kv_store_timeout: float = _opt(2.0, "Seconds any one KV-store call may take before it "
+                                   "counts as a miss.")
+    kv_store_write_finished: bool = _opt(False, "Also write finished requests' KV to the store "
+                                         "(reuse by the next turn of a chat on any instance).")
 
     def __post_init__(self) -> None:
         self._check_positive("block_size", "max_num_seqs", "max_num_batched_tokens",
@@ -63,6 +70,9 @@ class EngineConfig:
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ConfigError("scheduling_policy", f"must be fcfs or priority, got "
                               f"{self.scheduling_policy!r}")
+        if not isinstance(self.kv_store_timeout, (int, float)) or not self.kv_store_timeout > 0:
+            raise ConfigError("kv_store_timeout", f"must be a positive number of seconds, got "
+                              f"{self.kv_store_timeout!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError("device", f"must be cpu or cuda[:N], got {self.device!r}")
 

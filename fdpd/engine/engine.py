@@ -83,17 +83,36 @@ class Engine:
         self.fingerprint = mc.fingerprint(self.loaded.dtype, config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size,
                                           config.enable_prefix_caching, self.fingerprint)
+        self.runner = ModelRunner(self.loaded.model, num_blocks=num_blocks,
+                                  block_size=config.block_size, device=self.device,
+                                  dtype=self.dtype)
+        if preemption is None and config.kv_store:
+            preemption = self._store_preemption()
         self.scheduler = Scheduler(
             self.block_manager, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len, policy=config.scheduling_policy,
             preemption=preemption)
-        self.runner = ModelRunner(self.loaded.model, num_blocks=num_blocks,
-                                  block_size=config.block_size, device=self.device,
-                                  dtype=self.dtype)
         self.sampler = Sampler(mc.vocab_size, self.device)
         self._seeds = random.Random(config.seed)
         self.eos_token_ids = self._eos_token_ids()
+
+    def _store_preemption(self):
+        from fdpd.kvstore import open_store
+        from fdpd.kvstore.offload import KVOffload, StorePreemption
+
+        try:
+            store = open_store(self.config.kv_store, timeout=self.config.kv_store_timeout)
+        except ValueError as e:
+            raise ConfigError("kv_store", str(e)) from None
+        offload = KVOffload(store, self.runner.kv_cache, self.fingerprint)
+        return StorePreemption(offload, self.config.kv_store_write_finished)
+
+    def close(self) -> None:
+        """Stop background work (the KV-store worker) and close the store."""
+        close = getattr(self.scheduler.preemption, "close", None)
+        if close is not None:
+            close()
 
     def _eos_token_ids(self) -> tuple[int, ...]:
         ids = set(self.model_config.eos_token_ids)
@@ -161,6 +180,10 @@ class Engine:
     def step(self) -> list[StepOutput]:
         sched = self.scheduler.schedule()
         if not sched.scheduled:
+            # Nothing runnable: only store work in flight (a lookup, a load, a write-back that
+            # frees blocks). Wait for it briefly rather than spin.
+            if self.scheduler.preemption.pending():
+                self.scheduler.preemption.collect(self.scheduler, timeout=0.005)
             return []
         items, sampling = [], []
         for req, n in sched.scheduled:
@@ -190,5 +213,5 @@ class Engine:
                 req.num_prompt_tokens, req.num_cached_tokens))
         return outputs
 
-    def check_integrity(self) -> None:
-        self.scheduler.check_integrity()
+    def check_integrity(self, other_owners: set[str] | frozenset[str] = frozenset()) -> None:
+        self.scheduler.check_integrity(other_owners)

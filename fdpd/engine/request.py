@@ -64,6 +64,8 @@ class Request:
     # Prompt tokens served from a cache (prefix cache or KV store) at the latest admission.
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    # Tokens whose KV existed before the latest preemption: computing them again is recompute.
+    num_tokens_before_preemption: int = 0
     stop_reason: int | str | None = None
     # Chained hashes of the full blocks of `all_token_ids`, extended as tokens become known.
     block_hashes: list[bytes] = field(default_factory=list)

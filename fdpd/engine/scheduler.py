@@ -14,29 +14,14 @@ import itertools
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
-
 from fdpd.engine.block_manager import BlockManager, compute_block_hashes
+from fdpd.engine.preemption import PreemptionHandler, RecomputePreemption
 from fdpd.engine.request import Request, RequestStatus
 
 
 def kv_owner(req: Request) -> str:
     """Block owner id under which a finished prefill's KV waits to be shipped."""
     return f"kv:{req.request_id}"
-
-
-class PreemptionHandler(Protocol):
-    """Where a preempted request's KV goes. Called on the scheduler thread; must not block."""
-
-    def preempt(self, request: Request, block_manager: BlockManager) -> None:
-        """Release ``request``'s blocks (at once, or after an asynchronous write-back)."""
-
-
-class RecomputePreemption:
-    """Drop the KV; the request recomputes it (minus prefix-cache hits) when readmitted."""
-
-    def preempt(self, request: Request, block_manager: BlockManager) -> None:
-        block_manager.free(request.request_id)
 
 
 class WaitingQueue:
@@ -112,8 +97,16 @@ class Scheduler:
         self.preemption = preemption or RecomputePreemption()
         self.waiting = WaitingQueue(policy)
         self.running: list[Request] = []
+        # Admitted requests whose blocks are being filled from the KV store: never scheduled
+        # until the load is done (their blocks are LOADING).
+        self.loading: dict[str, Request] = {}
+        # Store lookups for queued requests: None while in flight, else (start, present).
+        self._lookups: dict[str, tuple[int, int] | None] = {}
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.num_restored_tokens = 0
+        self.num_computed_prompt_tokens = 0   # prompt tokens run through the model
+        self.num_recomputed_tokens = 0        # tokens computed again after a preemption
 
     # ---------------------------------------------------------------- admission and exit
     def add(self, req: Request) -> None:
@@ -130,15 +123,20 @@ class Scheduler:
             return
         was_waiting = req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
         req.status = status
+        self.requests.pop(req.request_id, None)
+        self._lookups.pop(req.request_id, None)
+        if req.request_id in self.loading:
+            return                              # load_done frees its blocks
         if was_waiting:
             self.waiting.discard(req)
+            return
+        self.running.remove(req)                # O(max_num_seqs), once per request
+        if keep_kv_as is not None:
+            self.bm.transfer(req.request_id, keep_kv_as)
+        elif status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
+            self.preemption.retire(req, self.bm)
         else:
-            self.running.remove(req)            # O(max_num_seqs), once per request
-            if keep_kv_as is not None:
-                self.bm.transfer(req.request_id, keep_kv_as)
-            else:
-                self.bm.free(req.request_id)
-        self.requests.pop(req.request_id, None)
+            self.bm.free(req.request_id)
 
     def adopt(self, req: Request, owner: str) -> None:
         """Start running ``req`` whose KV for every token but the last is already in the
@@ -154,10 +152,11 @@ class Scheduler:
         self.running.append(req)
 
     def has_work(self) -> bool:
-        return bool(self.running) or len(self.waiting) > 0
+        return bool(self.running) or bool(self.loading) or len(self.waiting) > 0
 
     # ---------------------------------------------------------------- one step
     def schedule(self) -> SchedulerOutput:
+        self.preemption.collect(self)
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         running: list[Request] = []
@@ -166,13 +165,22 @@ class Scheduler:
         while i < len(queue) and budget > 0:
             req = queue[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            stalled = False
             while not self.bm.grow(req.request_id, req.num_computed_tokens + num_new):
+                short = (self.bm.blocks_for(req.num_computed_tokens + num_new)
+                         - len(self.bm.owned(req.request_id)) - self.bm.num_free_blocks)
+                if self.preemption.releasing_blocks() >= short:
+                    stalled = True             # write-backs will free enough: just wait
+                    break
                 victim = self._pick_victim(queue, i)
                 queue.remove(victim)
                 self._preempt(victim, out)
                 if victim is req:
                     break
-            if req.status is RequestStatus.RUNNING:
+            if stalled:
+                running.append(req)
+                i += 1
+            elif req.status is RequestStatus.RUNNING:
                 running.append(req)
                 out.scheduled.append((req, num_new))
                 budget -= num_new
@@ -180,25 +188,85 @@ class Scheduler:
         running.extend(queue[i:])
 
         # Admitting new work in a step that had to preempt would only preempt again.
-        while not out.preempted and budget > 0 and len(running) < self.max_num_seqs:
+        while (not out.preempted and budget > 0
+               and len(running) + len(self.loading) < self.max_num_seqs):
             req = self.waiting.peek()
             if req is None:
                 break
-            cached = self.bm.match_prefix(req.block_hashes, req.num_tokens)
-            num_cached = len(cached) * self.bm.block_size
-            num_new = min(req.num_tokens - num_cached, budget)
-            if not self.bm.allocate(req.request_id, num_cached + num_new, cached):
-                break                                  # head of line waits for blocks
+            admitted = self._admit(req, budget)
+            if admitted is None:
+                break                                  # head of line waits
             self.waiting.pop()
-            req.status = RequestStatus.RUNNING
-            req.num_computed_tokens = num_cached
-            if req.num_preemptions == 0:
-                req.num_cached_tokens = num_cached
-            running.append(req)
-            out.scheduled.append((req, num_new))
-            budget -= num_new
+            if admitted:
+                running.append(req)
+                out.scheduled.append((req, admitted))
+                budget -= admitted
         self.running = running
         return out
+
+    def _admit(self, req: Request, budget: int) -> int | None:
+        """Give ``req`` its blocks. Returns the tokens to run now (0: it is loading from the
+        store), or None if it must wait (blocks, or a store lookup in flight)."""
+        bs = self.bm.block_size
+        cached = self.bm.match_prefix(req.block_hashes, req.num_tokens, record=False)
+        load = 0
+        if self.preemption.restores:
+            limit = min((req.num_tokens - 1) // bs, len(req.block_hashes))
+            answer = self._lookups.get(req.request_id)
+            if answer is not None and answer[0] > len(cached):
+                del self._lookups[req.request_id]     # the local cache shrank since: ask again
+            if req.request_id not in self._lookups and limit > len(cached):
+                keys = req.block_hashes[len(cached):limit]
+                if self.preemption.lookup(req.request_id, len(cached), keys):
+                    self._lookups[req.request_id] = None
+            answer = self._lookups.get(req.request_id, (0, 0))
+            if answer is None:
+                return None
+            start, present = answer
+            if start <= len(cached) < start + present:
+                load = start + present - len(cached)
+        num_cached = (len(cached) + load) * bs
+        num_new = 0 if load else min(req.num_tokens - num_cached, budget)
+        if not self.bm.allocate(req.request_id, num_cached + num_new, cached):
+            return None
+        self._lookups.pop(req.request_id, None)
+        self.bm.record_query(req.num_tokens, len(cached))
+        req.status = RequestStatus.RUNNING
+        req.num_computed_tokens = len(cached) * bs
+        if load:
+            blocks = self.bm.owned(req.request_id)[len(cached):]
+            keys = req.block_hashes[len(cached):len(cached) + load]
+            if self.preemption.load(req.request_id, blocks, keys):
+                self.loading[req.request_id] = req
+                return 0
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)   # recompute
+            if not self.bm.grow(req.request_id, req.num_computed_tokens + num_new):
+                self.bm.free(req.request_id)
+                req.status = RequestStatus.WAITING
+                return None
+        if req.num_preemptions == 0:
+            req.num_cached_tokens = req.num_computed_tokens
+        return num_new
+
+    def lookup_done(self, req_id: str, start: int, present: int) -> None:
+        if req_id in self._lookups:
+            self._lookups[req_id] = (start, present)
+
+    def load_done(self, req_id: str, loaded: int) -> None:
+        """``loaded`` leading blocks of a loading request arrived intact; the rest of its
+        tokens are recomputed."""
+        req = self.loading.pop(req_id, None)
+        if req is None:
+            return
+        if req.is_finished:                     # aborted while loading
+            self.bm.free(req_id)
+            return
+        req.num_computed_tokens += loaded * self.bm.block_size
+        self.num_restored_tokens += loaded * self.bm.block_size
+        self.bm.commit(req_id, req.block_hashes, req.num_computed_tokens)
+        if req.num_preemptions == 0:
+            req.num_cached_tokens = req.num_computed_tokens
+        self.running.append(req)
 
     def _pick_victim(self, queue: list[Request], current: int) -> Request:
         candidates = queue[current:]                 # requests not yet scheduled this step
@@ -208,6 +276,8 @@ class Scheduler:
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.preemption.preempt(req, self.bm)
+        req.num_tokens_before_preemption = max(req.num_tokens_before_preemption,
+                                               req.num_computed_tokens)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -218,6 +288,10 @@ class Scheduler:
     # ---------------------------------------------------------------- after the forward
     def advance(self, req: Request, num_new: int) -> None:
         """``num_new`` more tokens of ``req`` now have KV in its blocks."""
+        prompt_left = max(0, req.num_prompt_tokens - req.num_computed_tokens)
+        self.num_computed_prompt_tokens += min(num_new, prompt_left)
+        redo = req.num_tokens_before_preemption - req.num_computed_tokens
+        self.num_recomputed_tokens += min(num_new, max(0, redo))
         req.num_computed_tokens += num_new
         self.bm.commit(req.request_id, req.block_hashes, req.num_computed_tokens)
 
@@ -242,14 +316,17 @@ class Scheduler:
         return True
 
     def _hash(self, req: Request) -> None:
-        if self.bm.enable_prefix_caching:
-            compute_block_hashes(self.bm.hash_seed, req.all_token_ids, self.bm.block_size,
-                                 req.block_hashes)
+        # Hashes also name blocks in the KV store, so they are kept even without prefix caching.
+        compute_block_hashes(self.bm.hash_seed, req.all_token_ids, self.bm.block_size,
+                             req.block_hashes)
 
-    def check_integrity(self) -> None:
+    def check_integrity(self, other_owners: set[str] | frozenset[str] = frozenset()) -> None:
+        """Raise unless every block owner is a running or loading request, a pending
+        write-back, or one of ``other_owners`` (grants, prefill KV awaiting shipment)."""
         self.bm.check_integrity()
         owners = set(self.bm.owners())
-        running = {r.request_id for r in self.running}
-        if owners != running:
-            raise RuntimeError(f"block owners {sorted(owners - running)} not running, running "
-                               f"{sorted(running - owners)} without blocks")
+        live = {r.request_id for r in self.running} | set(self.loading)
+        stray = {o for o in owners - live - set(other_owners) if not o.startswith("wb:")}
+        if stray or live - owners:
+            raise RuntimeError(f"block owners {sorted(stray)} belong to nothing; requests "
+                               f"{sorted(live - owners)} hold no blocks")

@@ -248,19 +248,13 @@ class ReservationLedger:
 
     # ------------------------------------------------------------------ invariants
     def check(self) -> None:
-        """Raise LedgerError unless every used block has exactly the owners we think."""
-        self.scheduler.bm.check_integrity()
-        owners = set(self.bm.owners())
-        expected = ({g.owner for g in self._live()}
-                    | {r.request_id for r in self.scheduler.running})
-        extra = owners - expected - set(self.external_owners())
-        if extra or (expected - owners):
-            raise LedgerError(f"block owners {sorted(owners)} != live grants and running "
-                              f"requests {sorted(expected)}")
-
-    def external_owners(self) -> list[str]:
-        """Owners outside the ledger's view (in-flight KV-store work registers here later)."""
-        return []
+        """Raise unless every used block belongs to a live grant, a running or loading
+        request, or a KV-store write-back in flight."""
+        self.scheduler.check_integrity(other_owners={g.owner for g in self._live()})
+        held = {o for o in self.bm.owners() if o.startswith("grant:")}
+        live = {g.owner for g in self._live()}
+        if held != live:
+            raise LedgerError(f"grant owners {sorted(held)} != live grants {sorted(live)}")
 
     def is_quiescent(self) -> bool:
         return not self.grants and not self.waiting_allocs and self.reserved_blocks() == 0

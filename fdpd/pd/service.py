@@ -52,6 +52,7 @@ class InstanceService:
             Abort: self.on_abort,
         }
         self._next_heartbeat = 0.0
+        self.store_latencies: tuple[list[float], list[float]] = ([], [])
 
     @property
     def address(self) -> str:
@@ -83,6 +84,7 @@ class InstanceService:
 
     def close(self) -> None:
         self.transport.close()
+        self.engine.close()
 
     def tick(self) -> None:
         """Role timers (leases, deadlines). Called once per loop iteration."""
@@ -163,6 +165,22 @@ class InstanceService:
         log.warning("%s: error from %s: %s %s", self.instance_id, inbound.envelope.src,
                     msg.code, msg.message)
 
+    def _store_stats(self) -> dict | None:
+        offload = getattr(self.engine.scheduler.preemption, "offload", None)
+        if offload is None:
+            return None
+        s = offload.stats
+        writes, restores = s.take_latencies()
+        self.store_latencies[0].extend(writes)
+        self.store_latencies[1].extend(restores)
+        return {"blocks_written": s.blocks_written, "blocks_skipped": s.blocks_skipped,
+                "bytes_written": s.bytes_written, "blocks_restored": s.blocks_restored,
+                "bytes_restored": s.bytes_restored, "lookups": s.lookups,
+                "lookup_hit_blocks": s.lookup_hit_blocks, "errors": s.store_errors,
+                "corrupt_objects": s.corrupt_objects, "dropped_writes": s.dropped_writes,
+                "write_seconds": _summary(self.store_latencies[0]),
+                "restore_seconds": _summary(self.store_latencies[1])}
+
     def load(self) -> dict:
         bm, sched = self.engine.block_manager, self.engine.scheduler
         stats = bm.stats()
@@ -174,6 +192,10 @@ class InstanceService:
             "total_blocks": bm.num_blocks,
             "kv_usage": bm.usage,
             "num_preemptions": sched.num_preemptions,
+            "num_restored_tokens": sched.num_restored_tokens,
+            "num_computed_prompt_tokens": sched.num_computed_prompt_tokens,
+            "num_recomputed_tokens": sched.num_recomputed_tokens,
+            "kv_store": self._store_stats(),
             "prefix_queried_tokens": stats.queried_tokens,
             "prefix_hit_tokens": stats.hit_tokens,
             "transport": {"received": self.transport.stats.received,
@@ -182,3 +204,14 @@ class InstanceService:
                           "send_failed": self.transport.stats.send_failed},
             **self.counters,
         }
+
+
+def _summary(values: list[float]) -> dict:
+    """Count, sum and a few quantiles of latencies seen so far (bounded memory)."""
+    if len(values) > 4096:
+        del values[:-4096]
+    if not values:
+        return {"count": 0, "sum": 0.0}
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"count": len(values), "sum": sum(values), "p50": pick(0.5), "p99": pick(0.99)}

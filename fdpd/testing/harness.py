@@ -102,8 +102,8 @@ class Cluster:
                     proc.start()
             self.wait_for(self._all_registered, self.startup_timeout,
                           what="every instance registered and healthy", check_alive=True)
-            self.wait_for(lambda: self._http_get("/health").status_code == 200, 10,
-                          what="/health 200", check_alive=True)
+            self.wait_for(lambda: self._http_ok("/health"), 10, what="/health 200",
+                          check_alive=True)
         except BaseException:
             self._stop_all()
             raise
@@ -157,6 +157,7 @@ class Cluster:
     def _stop_all(self) -> list[str]:
         """SIGTERM every group, SIGKILL stragglers, reap; returns groups that are still there."""
         procs = [p for p in (*self.processes, self.router) if p is not None]
+        running = {p.name for p in procs if p.alive}
         for p in procs:
             p.terminate()
         deadline = time.monotonic() + self.stop_timeout
@@ -171,9 +172,16 @@ class Cluster:
         _LIVE.discard(self)
         stuck = [p.name for p in procs if p.proc is not None and p.proc.poll() is None]
         slow = [name for name, (_, killed) in self.stop_report.items() if killed]
+        unclean = {name: code for name, (code, killed) in self.stop_report.items()
+                   if name in running and not killed and code != 0}
+        if unclean:
+            warnings.warn(f"fdpd processes exited uncleanly on SIGTERM: {unclean}",
+                          RuntimeWarning, stacklevel=3)
         if slow:
+            tails = "\n".join(f"----- {p.name} -----\n{p.log_tail(60)}" for p in procs
+                              if p.name in slow)
             warnings.warn(f"fdpd processes ignored SIGTERM for {self.stop_timeout} s and were "
-                          f"killed: {slow}", RuntimeWarning, stacklevel=2)
+                          f"killed: {slow}\n{tails}", RuntimeWarning, stacklevel=3)
         return stuck + [p.name for p in procs if not p.group_gone()]
 
     # ------------------------------------------------------------------ HTTP
@@ -250,7 +258,15 @@ class Cluster:
         return self.wait_for(registered, timeout or self.startup_timeout,
                              what=f"{instance.name} registered again with a new epoch")
 
+    def _http_ok(self, path: str) -> bool:
+        try:
+            return self._http_get(path).status_code == 200
+        except httpx.TransportError:            # the router prints ready before it listens
+            return False
+
     def _all_registered(self) -> bool:
+        if not self._http_ok("/v1/cluster"):
+            return False
         views = {v["instance_id"]: v for v in self.cluster()["instances"]}
         return all(p.name in views and _reporting(views[p.name]) for p in self.processes)
 

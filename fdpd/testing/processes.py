@@ -111,8 +111,8 @@ class ClusterProcess:
             self.signal(signal.SIGCONT)          # a stopped process cannot act on SIGTERM
 
     def stop(self, timeout: float, terminate: bool = True) -> tuple[int | None, bool]:
-        """SIGTERM the group (unless ``terminate`` is False: already done), wait, then SIGKILL.
-        Returns the exit code and whether SIGKILL was needed."""
+        """SIGTERM the group (unless ``terminate`` is False: already done), wait, then SIGABRT
+        and SIGKILL. Returns the exit code and whether it had to be killed."""
         if self.proc is None:
             return None, False
         killed = False
@@ -120,8 +120,12 @@ class ClusterProcess:
             if terminate:
                 self.terminate()
             if self.wait(timeout) is None:
+                # SIGABRT first: with PYTHONFAULTHANDLER set (child_env does) Python writes
+                # every thread's stack to the log, which shows where shutdown hung.
                 killed = True
-                self.signal(signal.SIGKILL)
+                self.signal(signal.SIGABRT)
+                if self.wait(3) is None:
+                    self.signal(signal.SIGKILL)
                 self.proc.wait(10)
         else:
             self.signal(signal.SIGKILL)          # the leader is gone; sweep its group
@@ -167,7 +171,7 @@ def child_env(extra: Mapping[str, str] | None, package_root: str) -> dict[str, s
     checkout of fdpd first on the path (so children run the code under test)."""
     env = dict(os.environ)
     env.update({"FDPD_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                "PYTHONUNBUFFERED": "1"})
+                "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"})
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     env.update(extra or {})
     return env

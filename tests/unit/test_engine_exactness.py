@@ -23,6 +23,8 @@ import random
 from collections.abc import Sequence
 
 import pytest
+
+from fdpd.engine.preemption import RecomputePreemption
 import torch
 
 from fdpd import LLM, SamplingParams
@@ -128,7 +130,7 @@ class PreemptionLog:
         inner = llm.engine.scheduler.preemption
         log = self
 
-        class Recording:
+        class Recording(RecomputePreemption):
             def preempt(self, request, block_manager) -> None:
                 log.outputs_at_preemption.append(request.num_output_tokens)
                 inner.preempt(request, block_manager)
