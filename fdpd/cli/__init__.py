@@ -135,7 +135,8 @@ def export(name: str, directory: str) -> None:
 class _LazyBenchGroup(click.Group):
     """Bench commands import heavy modules (transformers, plotting) only when run."""
 
-    _COMMANDS = {"engine": "fdpd.bench.engine", "transfer": "fdpd.bench.transfer"}
+    _COMMANDS = {"engine": "fdpd.bench.engine", "transfer": "fdpd.bench.transfer",
+                 "restore": "fdpd.bench.restore"}
 
     def list_commands(self, ctx):
         return sorted(self._COMMANDS)

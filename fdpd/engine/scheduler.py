@@ -248,6 +248,15 @@ class Scheduler:
             req.num_cached_tokens = req.num_computed_tokens
         return num_new
 
+    def preempt(self, req_id: str) -> bool:
+        """Preempt a running request now (operators, drains, benchmarks)."""
+        req = self.requests.get(req_id)
+        if req is None or req not in self.running:
+            return False
+        self.running.remove(req)
+        self._preempt(req, SchedulerOutput())
+        return True
+
     def lookup_done(self, req_id: str, start: int, present: int) -> None:
         if req_id in self._lookups:
             self._lookups[req_id] = (start, present)
