@@ -88,7 +88,9 @@ class KVOffload:
         self.block_shape = (kv_cache.shape[0], kv_cache.shape[1], *kv_cache.shape[3:])
         self.stats = OffloadStats()
         self._jobs: queue.Queue = queue.Queue(max_jobs)
-        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        # queue.Queue, not SimpleQueue: on CPython 3.11 SimpleQueue.get(timeout) can wait
+        # forever when a signal handler runs during the wait (see transport.py).
+        self._done: queue.Queue = queue.Queue()
         self._pending = 0
         self._worker = threading.Thread(target=self._run, name="kv-offload", daemon=True)
         self._worker.start()
