@@ -58,7 +58,10 @@ class Transport:
         self._bind = bind
         self._hwm = hwm
         self._on_message = on_message
-        self._inbound: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
+        # queue.Queue, not SimpleQueue: on CPython 3.11 SimpleQueue.get(timeout) waits forever
+        # when a signal handler (SIGTERM) runs during the wait and outlasts the timeout, so an
+        # idle instance ignored SIGTERM about one time in five.
+        self._inbound: queue.Queue[Inbound] = queue.Queue()
         self._ctx = zmq.Context()
         self._ctl = f"inproc://fdpd-transport-{id(self)}"
         self._local = threading.local()

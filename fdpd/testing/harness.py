@@ -121,9 +121,12 @@ class Cluster:
                     failure = str(e)
         finally:
             logs = self.logs()
-            leftover = self._stop_all()
-        if leftover and check:
-            failure = (failure or "") + f"\nprocess groups still alive after SIGKILL: {leftover}"
+            stop_problems = self._stop_all()
+        if stop_problems and check:
+            failure = "\n".join([failure or "stopping the cluster failed:", *stop_problems])
+        elif stop_problems:
+            warnings.warn("stopping the cluster: " + "\n".join(stop_problems), RuntimeWarning,
+                          stacklevel=2)
         if failure:
             raise ClusterError(f"{failure}\n{logs}")
         if check and self._own_log_dir:
@@ -155,7 +158,9 @@ class Cluster:
                               self.log_dir / f"{name}.log", self._env)
 
     def _stop_all(self) -> list[str]:
-        """SIGTERM every group, SIGKILL stragglers, reap; returns groups that are still there."""
+        """SIGTERM every group, SIGABRT+SIGKILL stragglers, reap. Returns what went wrong: a
+        process that ignored SIGTERM (its stacks are in its log) or exited non-zero on it, or
+        a group still there after SIGKILL."""
         procs = [p for p in (*self.processes, self.router) if p is not None]
         running = {p.name for p in procs if p.alive}
         for p in procs:
@@ -170,19 +175,17 @@ class Cluster:
         self._clients.clear()
         self._http = None
         _LIVE.discard(self)
-        stuck = [p.name for p in procs if p.proc is not None and p.proc.poll() is None]
-        slow = [name for name, (_, killed) in self.stop_report.items() if killed]
-        unclean = {name: code for name, (code, killed) in self.stop_report.items()
-                   if name in running and not killed and code != 0}
-        if unclean:
-            warnings.warn(f"fdpd processes exited uncleanly on SIGTERM: {unclean}",
-                          RuntimeWarning, stacklevel=3)
-        if slow:
-            tails = "\n".join(f"----- {p.name} -----\n{p.log_tail(60)}" for p in procs
-                              if p.name in slow)
-            warnings.warn(f"fdpd processes ignored SIGTERM for {self.stop_timeout} s and were "
-                          f"killed: {slow}\n{tails}", RuntimeWarning, stacklevel=3)
-        return stuck + [p.name for p in procs if not p.group_gone()]
+        problems = []
+        for p in procs:
+            code, killed = self.stop_report[p.name]
+            if killed:
+                problems.append(f"{p.name} ignored SIGTERM for {self.stop_timeout} s (its "
+                                f"thread stacks follow in its log):\n{p.log_tail(60)}")
+            elif p.name in running and code != 0:
+                problems.append(f"{p.name} exited with {code} on SIGTERM")
+            if not p.group_gone():
+                problems.append(f"{p.name}: process group {p.pid} still alive after SIGKILL")
+        return problems
 
     # ------------------------------------------------------------------ HTTP
     @property
