@@ -152,7 +152,10 @@ class Scheduler:
         self.running.append(req)
 
     def has_work(self) -> bool:
-        return bool(self.running) or bool(self.loading) or len(self.waiting) > 0
+        """Requests to run, or KV-store work whose results the loop must collect (a finished
+        write-back frees its pinned blocks only when collected)."""
+        return (bool(self.running) or bool(self.loading) or len(self.waiting) > 0
+                or self.preemption.pending() > 0)
 
     # ---------------------------------------------------------------- one step
     def schedule(self) -> SchedulerOutput:

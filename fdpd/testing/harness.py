@@ -111,7 +111,11 @@ class Cluster:
 
     def close(self, check: bool = True) -> None:
         """Check quiescence (when ``check`` and ``check_quiescent``), then stop everything.
-        Stops the processes even when the check fails; raises ClusterError after."""
+        Stops the processes even when the check fails; raises ClusterError after. A second
+        call does nothing."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         failure: str | None = None
         try:
             if check and self.check_quiescent:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import threading
 import time
@@ -26,6 +24,7 @@ from fdpd.kvstore.base import DeadlineCaller
 from fdpd.kvstore.codec import HEADER_SIZE
 from fdpd.kvstore.disk import DiskStore
 from fdpd.testing.processes import free_port
+from fdpd.testing.servers import start_redis, stop_server, wait_port
 
 FP = hashlib.sha256(b"model fingerprint").digest()
 SHAPE = (2, 2, 4, 2, 8)           # layers, 2, block_size, kv_heads, head_dim: 1 KiB of float32
@@ -45,38 +44,6 @@ def blob(seed: int, shape=SHAPE, dtype=torch.float32, k: bytes | None = None) ->
 
 
 # ---------------------------------------------------------------------------- servers
-def _wait_port(port: int, proc: subprocess.Popen, deadline_s: float) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before listening")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError(f"server did not listen on {port} within {deadline_s} s")
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)   # own session: pgid == pid
-    proc.wait(timeout=10)
-
-
-def start_redis(port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        ["redis-server", "--save", "", "--appendonly", "no", "--port", str(port),
-         "--bind", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
-    try:
-        _wait_port(port, proc, 10)
-    except RuntimeError:
-        _kill(proc)
-        raise
-    return proc
-
-
 def need_redis() -> None:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server binary not found (apt-get install -y redis-server)")
@@ -89,7 +56,7 @@ def redis_url():
     port = free_port()
     proc = start_redis(port)
     yield f"redis://127.0.0.1:{port}/0"
-    _kill(proc)
+    stop_server(proc)
 
 
 def mooncake_master_binary() -> Path:
@@ -114,9 +81,9 @@ def start_mooncake_master(binary: Path, log: Path,
              f"--metrics_port={metrics}", "--metrics_host=127.0.0.1"],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_port(port, proc, 15)
+        wait_port(port, proc, 15)
     except RuntimeError as e:
-        _kill(proc)
+        stop_server(proc)
         pytest.skip(f"mooncake_master did not start: {e}; log: {log.read_text()[-500:]}")
     return proc, port
 
@@ -134,7 +101,7 @@ def mooncake_master(tmp_path_factory):
     yield mooncake_url(port), shared
     for store in shared:
         store.close()
-    _kill(proc)
+    stop_server(proc)
 
 
 @pytest.fixture(params=["disk", "redis", "mooncake"])
@@ -475,7 +442,7 @@ def test_redis_dead_server_fails_fast_then_recovers(tmp_path):
     store.put(key("r"), blob(1))
     import redis
     assert 0 < redis.Redis.from_url(url).ttl(b"fdpd:kv:" + key("r")) <= 60
-    _kill(proc)
+    stop_server(proc)
     for call in (lambda: store.get(key("r")), lambda: store.put(key("r"), blob(1)),
                  lambda: store.contains_prefix([key("r")]), lambda: store.get_many([key("r")])):
         start = time.monotonic()
@@ -492,7 +459,7 @@ def test_redis_dead_server_fails_fast_then_recovers(tmp_path):
         fresh.close()
     finally:
         store.close()
-        _kill(proc)
+        stop_server(proc)
 
 
 # ---------------------------------------------------------------------------- mooncake
@@ -503,7 +470,7 @@ def test_mooncake_dead_master_fails_within_the_deadline_then_recovers(tmp_path):
     store = open_store(mooncake_url(port), timeout=0.5)
     try:
         store.put(key("m"), blob(1))
-        _kill(proc)
+        stop_server(proc)
         start = time.monotonic()
         with pytest.raises(StoreUnavailable):
             store.contains_prefix([key("m"), key("n")])   # the library takes ~4.5 s here
@@ -526,7 +493,7 @@ def test_mooncake_dead_master_fails_within_the_deadline_then_recovers(tmp_path):
         assert store.get(key("n")) == blob(2)
     finally:
         store.close()
-        _kill(proc)
+        stop_server(proc)
 
 
 def test_deadline_caller_bounds_a_stuck_call():
