@@ -46,6 +46,14 @@ class RunResult:
         return self.output_tokens / self.wall_s if self.wall_s > 0 else float("inf")
 
 
+def make_output_lens(num: int, min_len: int | None, max_len: int, seed: int) -> list[int]:
+    """Output length per prompt: all ``max_len``, or uniform in [min_len, max_len]."""
+    if min_len is None:
+        return [max_len] * num
+    rng = random.Random(seed + 1)
+    return [rng.randint(min_len, max_len) for _ in range(num)]
+
+
 def make_prompts(num: int, min_len: int, max_len: int, vocab: int, seed: int) -> list[list[int]]:
     """Random token ids, lengths uniform in [min_len, max_len]; ids 0..2 (pad/bos/eos of the
     synthetic checkpoints) are avoided."""
@@ -57,19 +65,20 @@ def make_prompts(num: int, min_len: int, max_len: int, vocab: int, seed: int) ->
 Runner = Callable[[], list[list[int]]]
 
 
-def prepare_fdpd(model: str, prompts: list[list[int]], output_len: int, dtype: str,
+def prepare_fdpd(model: str, prompts: list[list[int]], output_lens: list[int], dtype: str,
                  max_num_seqs: int, max_num_batched_tokens: int) -> Runner:
-    """Load fdpd and warm it up; return a function that generates the whole batch."""
+    """Load fdpd and warm it up; return a function that generates the whole batch (each prompt
+    its own output length: continuous batching admits the next prompt when one finishes)."""
     from fdpd.llm import LLM
     from fdpd.sampling_params import SamplingParams
 
     block_size = 16
-    longest = max(map(len, prompts)) + output_len
+    longest = max(map(len, prompts)) + max(output_lens)
     llm = LLM(model, dtype=dtype, max_num_seqs=max_num_seqs,
               max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
               # Room for the whole batch: this measures throughput, not preemption.
               num_kv_blocks=-(-longest // block_size) * max_num_seqs + 1)
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
     llm.generate([prompts[0][:8]], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
 
     def run() -> list[list[int]]:
@@ -80,10 +89,11 @@ def prepare_fdpd(model: str, prompts: list[list[int]], output_len: int, dtype: s
     return run
 
 
-def prepare_transformers(model: str, prompts: list[list[int]], output_len: int, dtype: str,
-                         batch_size: int) -> Runner:
+def prepare_transformers(model: str, prompts: list[list[int]], output_lens: list[int],
+                         dtype: str, batch_size: int) -> Runner:
     """Load the same weights into ``transformers`` and warm up; return a function that
-    generates the whole batch, ``batch_size`` left-padded prompts per ``generate`` call."""
+    generates the whole batch, ``batch_size`` left-padded prompts per ``generate`` call. A
+    static batch runs until its longest output is done; each prompt keeps its own length."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -107,7 +117,9 @@ def prepare_transformers(model: str, prompts: list[list[int]], output_len: int, 
     def run() -> list[list[int]]:
         tokens: list[list[int]] = []
         for i in range(0, len(prompts), batch_size):
-            tokens += generate(prompts[i:i + batch_size], output_len)
+            lens = output_lens[i:i + batch_size]
+            out = generate(prompts[i:i + batch_size], max(lens))
+            tokens += [row[:n] for row, n in zip(out, lens)]
         return tokens
 
     return run
@@ -140,7 +152,11 @@ def _overrides_for_quick(ctx: click.Context, values: dict) -> dict:
 @click.option("--min-len", default=32, type=POSITIVE, help="Shortest prompt, tokens.")
 @click.option("--max-len", default=512, type=POSITIVE, help="Longest prompt, tokens.")
 @click.option("--output-len", default=128, type=POSITIVE,
-              help="Tokens generated per prompt (both engines).")
+              help="Tokens generated per prompt (both engines); the longest with "
+              "--min-output-len.")
+@click.option("--min-output-len", default=None, type=POSITIVE,
+              help="Draw each prompt's output length uniformly from [this, --output-len] "
+              "(as in real traffic) instead of all --output-len.")
 @click.option("--model", default=None, type=click.Path(exists=True, file_okay=False),
               help="Hugging Face model directory. Default: a synthetic Llama (hidden 256, "
               "4 layers, 4 heads / 2 KV heads, vocab 32000, seeded random weights) written to a "
@@ -172,10 +188,12 @@ def command(ctx: click.Context, **values) -> None:
         model, model_desc = _resolve_model(v["model"], v["quick"], Path(tmp))
         vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
         prompts = make_prompts(v["num_prompts"], v["min_len"], v["max_len"], vocab, v["seed"])
+        lens = make_output_lens(v["num_prompts"], v["min_output_len"], v["output_len"],
+                                v["seed"])
         runners = {
-            "fdpd": prepare_fdpd(model, prompts, v["output_len"], v["dtype"], v["max_num_seqs"],
+            "fdpd": prepare_fdpd(model, prompts, lens, v["dtype"], v["max_num_seqs"],
                                  v["max_num_batched_tokens"]),
-            "transformers": prepare_transformers(model, prompts, v["output_len"], v["dtype"],
+            "transformers": prepare_transformers(model, prompts, lens, v["dtype"],
                                                  v["max_num_seqs"]),
         }
         results, tokens = measure(runners, v["repeat"])
@@ -184,7 +202,8 @@ def command(ctx: click.Context, **values) -> None:
     agree = sum(a == b for a, b in zip(fdpd_tokens, hf_tokens))
     ratio = fdpd_result.tokens_per_s / hf_result.tokens_per_s
     report = {
-        "config": {k: v[k] for k in ("num_prompts", "min_len", "max_len", "output_len", "dtype",
+        "config": {k: v[k] for k in ("num_prompts", "min_len", "max_len", "output_len",
+                                      "min_output_len", "dtype",
                                       "max_num_seqs", "max_num_batched_tokens", "threads",
                                       "seed", "repeat")},
         "model": model_desc,
@@ -199,8 +218,10 @@ def command(ctx: click.Context, **values) -> None:
         return
     click.echo("model: " + _describe(model_desc))
     click.echo(f"batch: {len(prompts)} prompts of {v['min_len']}..{v['max_len']} tokens "
-               f"({report['prompt_tokens']} prompt tokens), {v['output_len']} output tokens "
-               f"each, {v['dtype']}, {v['threads']} torch thread(s)")
+               f"({report['prompt_tokens']} prompt tokens), "
+               + (f"{v['output_len']} output tokens each" if v["min_output_len"] is None else
+                  f"{v['min_output_len']}..{v['output_len']} output tokens")
+               + f", {v['dtype']}, {v['threads']} torch thread(s)")
     click.echo(f"timing: fastest of {v['repeat']} interleaved run(s) of each")
     click.echo("")
     click.echo(f"| {'engine':<12} | {'wall s':>8} | {'output tokens':>13} | {'tokens/s':>9} |")
