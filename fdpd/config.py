@@ -54,6 +54,10 @@ class EngineConfig:
                                    "counts as a miss.")
     kv_store_write_finished: bool = _opt(False, "Also write finished requests' KV to the store "
                                          "(reuse by the next turn of a chat on any instance).")
+    cost_model: str | None = _opt(None, "Benchmark the control plane without model compute: "
+                                  "'PREFILL_US_PER_TOKEN,DECODE_MS_PER_STEP[,DECODE_MS_PER_SEQ]' "
+                                  "replaces each forward pass by a sleep of that cost (weights "
+                                  "are not loaded; KV blocks, transfers and outputs stay real).")
 
     def __post_init__(self) -> None:
         self._check_positive("block_size", "max_num_seqs", "max_num_batched_tokens",
@@ -75,6 +79,8 @@ class EngineConfig:
                               f"{self.kv_store_timeout!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError("device", f"must be cpu or cuda[:N], got {self.device!r}")
+        if self.cost_model is not None:
+            parse_cost_model(self.cost_model)
 
     def _check_positive(self, *names: str) -> None:
         for name in names:
@@ -92,6 +98,19 @@ class EngineConfig:
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
+
+
+def parse_cost_model(text: str) -> tuple[float, float, float]:
+    """``--cost-model`` as (prefill us per token, decode ms per step, decode ms per sequence)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if not 2 <= len(values) <= 3 or any(not v >= 0 or v == float("inf") for v in values):
+        raise ConfigError("cost_model", f"expected PREFILL_US_PER_TOKEN,DECODE_MS_PER_STEP"
+                          f"[,DECODE_MS_PER_SEQ] (finite numbers >= 0), got {text!r}")
+    return values[0], values[1], values[2] if len(values) == 3 else 0.0
 
 
 @dataclass(frozen=True)
@@ -130,6 +149,13 @@ class InstanceConfig:
     router: str | None = _opt(None, "The router's control address HOST:PORT (instances "
                               "register there).")
     instance_id: str | None = _opt(None, "Stable name of this instance (default: role@address).")
+    advertise_host: str | None = _opt(None, "Host name or address peers use to reach this "
+                                      "process (default: --host; when --host is a wildcard "
+                                      "such as 0.0.0.0: this machine's host name).")
+    metrics_port: int = _opt(0, "Engine instances: port of the instance's own Prometheus "
+                             "/metrics and /health endpoint on --host; 0 = any free port "
+                             "(printed in the ready line and shown in /v1/cluster), "
+                             "-1 = off.")
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -138,3 +164,27 @@ class InstanceConfig:
             raise ConfigError("port", f"must be 0..65535, got {self.port!r}")
         if self.router is not None and ":" not in self.router:
             raise ConfigError("router", f"expected HOST:PORT, got {self.router!r}")
+        if not isinstance(self.metrics_port, int) or not -1 <= self.metrics_port < 65536:
+            raise ConfigError("metrics_port", f"must be -1 (off), 0 (any) or a port, got "
+                              f"{self.metrics_port!r}")
+
+    def advertised(self, address: str) -> str:
+        """``tcp://HOST:PORT`` as peers must dial it: the bound port on the advertised host."""
+        return advertised_address(address, self.advertise_host)
+
+
+WILDCARD_HOSTS = ("0.0.0.0", "::", "*", "[::]")
+
+
+def advertised_address(address: str, advertise_host: str | None) -> str:
+    """Replace the host of a bound ``tcp://HOST:PORT`` by ``advertise_host``, or, when it was
+    bound to a wildcard, by this machine's host name (a wildcard cannot be dialled)."""
+    scheme, _, rest = address.partition("://")
+    host, _, port = rest.rpartition(":")
+    if advertise_host:
+        host = advertise_host
+    elif host in WILDCARD_HOSTS:
+        import socket
+
+        host = socket.gethostname()
+    return f"{scheme}://{host}:{port}"

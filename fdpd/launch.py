@@ -34,7 +34,7 @@ def _stop_on_signals() -> threading.Event:
 
 
 def run_instance(engine_config: EngineConfig, pd: PDConfig, inst: InstanceConfig,
-                 torch_threads: int = 1) -> None:
+                 torch_threads: int = 1, log_tag=None) -> None:
     import torch
 
     from fdpd.engine.engine import Engine
@@ -47,9 +47,12 @@ def run_instance(engine_config: EngineConfig, pd: PDConfig, inst: InstanceConfig
     stop = _stop_on_signals()
     engine = Engine(engine_config)
     service = services[inst.role](engine, pd, inst)
+    if log_tag is not None:
+        log_tag.tag = service.instance_id
     # The readiness line the harness and operators wait for.
-    print(f"fdpd {inst.role} ready instance={service.instance_id} address={service.address}",
-          flush=True)
+    metrics = f" metrics={service.metrics_url}" if service.metrics_url else ""
+    print(f"fdpd {inst.role} ready instance={service.instance_id} address={service.address}"
+          f"{metrics}", flush=True)
     service.serve(stop)
 
 
@@ -73,7 +76,8 @@ def load_frontend_model(model: str, max_model_len: int | None) -> FrontendModel:
 
 
 def run_router(model: str, pd: PDConfig, host: str, port: int, control_port: int | None,
-               api_key: str | None, max_model_len: int | None = None) -> None:
+               api_key: str | None, max_model_len: int | None = None,
+               advertise_host: str | None = None) -> None:
     import asyncio
 
     import uvicorn
@@ -85,7 +89,7 @@ def run_router(model: str, pd: PDConfig, host: str, port: int, control_port: int
     control = f"tcp://{host}:{control_port if control_port is not None else port + 1}"
     core = RouterCore(model_name=front.name, tokenizer=front.tokenizer,
                       chat_template=front.chat_template, max_model_len=front.max_model_len,
-                      pd=pd, control_address=control)
+                      pd=pd, control_address=control, advertise_host=advertise_host)
     app = create_app(core, api_key=api_key)
     # uvicorn re-raises the signal that stopped it once it has shut down; with the default
     # handler that kills the process before ``core.stop()`` runs (exit -15, not 0).
@@ -93,8 +97,9 @@ def run_router(model: str, pd: PDConfig, host: str, port: int, control_port: int
 
     async def main() -> None:
         await core.start()
+        # log_config=None: uvicorn's records go through our handler (tag, text/json).
         config = uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                lifespan="off", timeout_graceful_shutdown=2)
+                                lifespan="off", timeout_graceful_shutdown=2, log_config=None)
         server = uvicorn.Server(config)
         print(f"fdpd router ready http=http://{host}:{port} control={core.control_address}",
               flush=True)
@@ -114,16 +119,21 @@ def launch_command(role: str, args: Sequence[str]) -> list[str]:
 def run_cluster(*, num_prefill: int, num_decode: int, num_mixed: int, port: int, host: str,
                 common: Sequence[str], prefill_args: Sequence[str] = (),
                 decode_args: Sequence[str] = (), log_dir: str | None = None) -> int:
-    """Start router + instances as child processes; block until a signal or a child dies."""
+    """Start router + instances as child processes; block until a signal or a child dies.
+    Instances are named ``<role>-<i>`` (their log lines start with it) and listen on free
+    ports (inbox and metrics: each one's ready line and /v1/cluster show them)."""
     control = port + 1
     router_addr = f"{host}:{control}"
-    specs = [("router", ["--host", host, "--port", str(port), *common])]
-    specs += [("prefill", ["--host", host, "--router", router_addr, *common, *prefill_args])
-              for _ in range(num_prefill)]
-    specs += [("decode", ["--host", host, "--router", router_addr, *common, *decode_args])
-              for _ in range(num_decode)]
-    specs += [("mixed", ["--host", host, "--router", router_addr, *common])
-              for _ in range(num_mixed)]
+
+    def instance(role: str, i: int, extra: Sequence[str]) -> tuple[str, list[str]]:
+        return role, ["--host", host, "--port", "0", "--metrics-port", "0", "--router",
+                      router_addr, "--instance-id", f"{role}-{i}", *common, *extra]
+
+    specs = [("router", ["--host", host, "--port", str(port), "--control-port", str(control),
+                         "--instance-id", "router", *common])]
+    specs += [instance("prefill", i, prefill_args) for i in range(num_prefill)]
+    specs += [instance("decode", i, decode_args) for i in range(num_decode)]
+    specs += [instance("mixed", i, ()) for i in range(num_mixed)]
     stop = _stop_on_signals()
     children: list[subprocess.Popen] = []
     try:

@@ -56,6 +56,8 @@ class _Metric:
         self._lock = threading.Lock()
 
     def _key(self, labels: dict[str, object]) -> tuple[str, ...]:
+        if not labels and not self.labelnames:
+            return ()                           # the common, per-token case: no labels
         if set(labels) != set(self.labelnames):
             raise ValueError(f"{self.name}: expected labels {list(self.labelnames)}, got "
                              f"{sorted(labels)}")
@@ -160,6 +162,40 @@ class Histogram(_Metric):
         return lines
 
 
+class Summary(_Metric):
+    """Quantiles computed elsewhere (e.g. shipped in a heartbeat), with ``_sum`` and
+    ``_count``: ``set(count, total, {0.5: v, 0.99: w}, **labels)``."""
+
+    kind = "summary"
+
+    def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()):
+        super().__init__(name, help, labelnames)
+        for label in labelnames:
+            if label == "quantile":
+                raise ValueError(f"{name}: label name 'quantile' is reserved")
+        self._series: dict[tuple[str, ...], tuple[float, float, dict[float, float]]] = {}
+
+    def set(self, count: float, total: float, quantiles: dict[float, float],
+            **labels: object) -> None:
+        key = self._key(labels)
+        with self._lock:
+            self._series[key] = (count, total, dict(quantiles))
+
+    def render(self) -> list[str]:
+        lines = self._header()
+        with self._lock:
+            items = sorted(self._series.items())
+        for key, (count, total, quantiles) in items:
+            for q, v in sorted(quantiles.items()):
+                le = f'quantile="{_format_value(q)}"'
+                lines.append(f"{self.name}{_labels_text(self.labelnames, key, le)} "
+                             f"{_format_value(v)}")
+            labels = _labels_text(self.labelnames, key)
+            lines.append(f"{self.name}_sum{labels} {_format_value(total)}")
+            lines.append(f"{self.name}_count{labels} {_format_value(count)}")
+        return lines
+
+
 class Registry:
     """Owns a set of metrics; ``render()`` is the body of a ``/metrics`` response."""
 
@@ -181,6 +217,9 @@ class Registry:
     def histogram(self, name: str, help: str, labelnames: Sequence[str] = (),
                   buckets: Iterable[float] = LATENCY_BUCKETS) -> Histogram:
         return self._add(Histogram(name, help, labelnames, buckets))  # type: ignore[return-value]
+
+    def summary(self, name: str, help: str, labelnames: Sequence[str] = ()) -> Summary:
+        return self._add(Summary(name, help, labelnames))  # type: ignore[return-value]
 
     def render(self) -> str:
         lines: list[str] = []

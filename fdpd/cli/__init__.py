@@ -3,24 +3,52 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 
 import click
 
-from fdpd.cli.options import config_options, pick
+from fdpd.cli.options import (
+    command_option_names,
+    config_file_option,
+    config_options,
+    pick,
+    value_origin,
+)
 from fdpd.config import ConfigError, EngineConfig, InstanceConfig, PDConfig
+from fdpd.logs import FORMATS, LEVELS, configure_logging
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"],
                                "show_default": True})
 @click.version_option(package_name="fdpd")
 @click.option("--log-level", default="info", envvar="FDPD_LOG_LEVEL", show_envvar=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
-def main(log_level: str) -> None:
+              type=click.Choice(LEVELS))
+@click.option("--log-format", default="text", envvar="FDPD_LOG_FORMAT", show_envvar=True,
+              type=click.Choice(FORMATS), help="text: for a terminal; json: one object per "
+              "line, with request_id on lines about one request.")
+@click.pass_context
+def main(ctx: click.Context, log_level: str, log_format: str) -> None:
     """fdpd: LLM serving with prefill/decode disaggregation."""
-    logging.basicConfig(level=log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx.obj = {"log_level": log_level, "log_format": log_format}
+    configure_logging(log_level, log_format, "fdpd")
+
+
+def log_options(fn):
+    """Per-command ``--log-level``/``--log-format`` (so a config file can set them); unset,
+    the top-level ``fdpd --log-level/--log-format`` values apply."""
+    fn = click.option("--log-format", type=click.Choice(FORMATS), default=None,
+                      envvar="FDPD_LOG_FORMAT", show_envvar=True,
+                      help="text or json (default: the top-level --log-format, text).")(fn)
+    return click.option("--log-level", type=click.Choice(LEVELS), default=None,
+                        envvar="FDPD_LOG_LEVEL", show_envvar=True,
+                        help="debug, info, warning or error (default: the top-level "
+                        "--log-level, info).")(fn)
+
+
+def _logging(level: str | None, fmt: str | None, tag: str):
+    top = click.get_current_context().find_root().obj or {}
+    level, fmt = level or top.get("log_level", "info"), fmt or top.get("log_format", "text")
+    return configure_logging(level, fmt, tag), level, fmt
 
 
 @main.command()
@@ -58,10 +86,13 @@ def _configs(values: dict) -> tuple[EngineConfig, PDConfig, InstanceConfig]:
         return (EngineConfig(**pick(EngineConfig, values)), PDConfig(**pick(PDConfig, values)),
                 InstanceConfig(**pick(InstanceConfig, values)))
     except ConfigError as e:
-        raise click.BadParameter(str(e), param_hint="--" + e.field.replace("_", "-")) from None
+        origin = value_origin(click.get_current_context(), e.field)
+        raise click.BadParameter(f"{e} (from {origin})",
+                                 param_hint="--" + e.field.replace("_", "-")) from None
 
 
 @main.command()
+@config_file_option(also_known=lambda: command_option_names(up))
 @config_options(InstanceConfig)
 @config_options(EngineConfig)
 @config_options(PDConfig)
@@ -72,48 +103,97 @@ def _configs(values: dict) -> tuple[EngineConfig, PDConfig, InstanceConfig]:
               help="Router only: require 'Authorization: Bearer KEY' on /v1/*.")
 @click.option("--torch-threads", default=1, envvar="FDPD_TORCH_THREADS", show_envvar=True,
               help="Torch intra-op threads of an engine process.")
-def launch(control_port, api_key, torch_threads, **values):
-    """Run one process of a cluster: --role router | prefill | decode | mixed."""
+@log_options
+def launch(control_port, api_key, torch_threads, log_level, log_format, config_file, **values):
+    """Run one process of a cluster: --role router | prefill | decode | mixed.
+
+    Every option also reads its FDPD_* environment variable and a key of the --config YAML
+    file (precedence: flag > environment > file > default). Keys of `fdpd up` in the file
+    (num-prefill, ...) are allowed and ignored here, so one file serves both commands."""
     from fdpd import launch as launcher
 
     engine, pd, inst = _configs(values)
+    tagger, _, _ = _logging(log_level, log_format, inst.instance_id or inst.role)
     if inst.role == "router":
         port = inst.port or 8000
         try:
             launcher.run_router(engine.model, pd, inst.host, port, control_port, api_key,
-                                engine.max_model_len)
+                                engine.max_model_len, advertise_host=inst.advertise_host)
         except ValueError as e:
             raise click.ClickException(str(e)) from None
         return
     if not inst.router:
         raise click.BadParameter("engine instances need the router's control address",
                                  param_hint="--router")
-    launcher.run_instance(engine, pd, inst, torch_threads)
+    launcher.run_instance(engine, pd, inst, torch_threads, log_tag=tagger)
 
 
 @main.command()
-@click.option("--num-prefill", default=1, show_default=True, help="Prefill instances.")
-@click.option("--num-decode", default=1, show_default=True, help="Decode instances.")
-@click.option("--num-mixed", default=0, show_default=True,
+@config_file_option(also_known=lambda: command_option_names(launch))
+@click.option("--num-prefill", default=1, show_default=True, envvar="FDPD_NUM_PREFILL",
+              show_envvar=True, help="Prefill instances.")
+@click.option("--num-decode", default=1, show_default=True, envvar="FDPD_NUM_DECODE",
+              show_envvar=True, help="Decode instances.")
+@click.option("--num-mixed", default=0, show_default=True, envvar="FDPD_NUM_MIXED",
+              show_envvar=True,
               help="Colocated instances (use with 0 prefill/decode for the baseline).")
-@click.option("--port", default=8000, show_default=True, help="HTTP port of the router "
-              "(its control port is PORT+1).")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--model", default="tiny", show_default=True)
-@click.option("--log-dir", default=None, help="Write each process's log to this directory.")
+@click.option("--port", default=8000, show_default=True, envvar="FDPD_PORT", show_envvar=True,
+              help="HTTP port of the router (its control port is PORT+1).")
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="FDPD_HOST",
+              show_envvar=True, help="Address every process binds.")
+@click.option("--model", default="tiny", show_default=True, envvar="FDPD_MODEL",
+              show_envvar=True, help="'tiny' or a local Hugging Face directory.")
+@click.option("--log-dir", default=None, envvar="FDPD_LOG_DIR", show_envvar=True,
+              help="Write each process's log to this directory.")
+@log_options
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
-def up(num_prefill, num_decode, num_mixed, port, host, model, log_dir, extra):
+def up(num_prefill, num_decode, num_mixed, port, host, model, log_dir, log_level, log_format,
+       config_file, extra):
     """Start a local cluster (router + prefill + decode [+ mixed]) and serve until Ctrl-C.
 
-    EXTRA arguments after `--` go to every process, e.g. `fdpd up -- --num-kv-blocks 512`."""
+    Instances are named prefill-0, decode-0, ...; every log line starts with that name.
+    EXTRA arguments after `--` go to every process, e.g. `fdpd up -- --num-kv-blocks 512`.
+    With --config FILE, keys of this command (num-prefill, port, ...) configure the cluster
+    and every other key goes to every process (`fdpd launch --config FILE`)."""
+    import os
+
     from fdpd import launch as launcher
 
     if num_mixed == 0 and (num_prefill < 1 or num_decode < 1):
         raise click.BadParameter("need at least one prefill and one decode, or --num-mixed")
+    _, level, fmt = _logging(log_level, log_format, "up")
+    common = ["--model", model, "--log-level", level, "--log-format", fmt]
+    if config_file:
+        common = ["--config", os.path.abspath(config_file), *common]
     code = launcher.run_cluster(num_prefill=num_prefill, num_decode=num_decode,
                                 num_mixed=num_mixed, port=port, host=host,
-                                common=["--model", model, *extra], log_dir=log_dir)
+                                common=[*common, *extra], log_dir=log_dir)
     sys.exit(code)
+
+
+@main.command()
+@click.option("--url", default=None, help="A health URL: the router's /health, or an "
+              "instance's http://HOST:METRICS_PORT/health.")
+@click.option("--router", "router_url", default=None, help="The router's HTTP address "
+              "(http://HOST:PORT or HOST:PORT, not its control port), with --instance.")
+@click.option("--instance", default=None, help="With --router: the instance id to check in "
+              "the router's /v1/cluster.")
+@click.option("--api-key", default=None, envvar="FDPD_API_KEY", show_envvar=True,
+              help="Bearer key for /v1/cluster when the router requires one.")
+@click.option("--timeout", default=5.0, help="Seconds to wait for an answer.")
+def health(url, router_url, instance, api_key, timeout):
+    """Exit 0 if healthy, 1 if not (a probe for container health checks).
+
+    `--url U`: U answers 200. `--router R --instance ID`: the router lists ID as healthy (it
+    registered and its heartbeats arrive)."""
+    from fdpd.cli.probe import check_instance, check_url
+
+    if (url is None) == (router_url is None) or (router_url is None) != (instance is None):
+        raise click.UsageError("give --url, or --router with --instance")
+    ok, why = (check_url(url, timeout) if url else
+               check_instance(router_url, instance, api_key, timeout))
+    click.echo(("healthy: " if ok else "unhealthy: ") + why)
+    sys.exit(0 if ok else 1)
 
 
 @main.group()
@@ -136,7 +216,8 @@ class _LazyBenchGroup(click.Group):
     """Bench commands import heavy modules (transformers, plotting) only when run."""
 
     _COMMANDS = {"engine": "fdpd.bench.engine", "transfer": "fdpd.bench.transfer",
-                 "restore": "fdpd.bench.restore"}
+                 "restore": "fdpd.bench.restore", "serve": "fdpd.bench.serve",
+                 "compare": "fdpd.bench.compare"}
 
     def list_commands(self, ctx):
         return sorted(self._COMMANDS)

@@ -71,8 +71,13 @@ class Engine:
             # Check the context limit before building anything sized by it (the RoPE table).
             limit = resolve_max_model_len(load_model_metadata(config.model)[0],
                                           config.max_model_len)
-            loaded = load_model(config.model, dtype=config.dtype, device=config.device,
-                                max_positions=limit)
+            if config.cost_model:
+                from fdpd.engine.cost_model import load_cost_model
+
+                loaded = load_cost_model(config.model, config.dtype, limit)
+            else:
+                loaded = load_model(config.model, dtype=config.dtype, device=config.device,
+                                    max_positions=limit)
         self.loaded = loaded
         mc = self.loaded.config
         self.model_config = mc
@@ -80,12 +85,22 @@ class Engine:
         self.max_model_len = resolve_max_model_len(mc, config.max_model_len)
         bytes_per_block = kv_block_bytes(self.loaded.model, config.block_size, self.dtype)
         num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory // bytes_per_block)
-        self.fingerprint = mc.fingerprint(self.loaded.dtype, config.block_size)
+        # A cost model's KV is never computed: a fingerprint of its own keeps it out of real
+        # caches and stores.
+        kv_kind = f"cost-model/{self.loaded.dtype}" if config.cost_model else self.loaded.dtype
+        self.fingerprint = mc.fingerprint(kv_kind, config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size,
                                           config.enable_prefix_caching, self.fingerprint)
-        self.runner = ModelRunner(self.loaded.model, num_blocks=num_blocks,
-                                  block_size=config.block_size, device=self.device,
-                                  dtype=self.dtype)
+        if config.cost_model:
+            from fdpd.engine.cost_model import CostModelRunner, StepCost
+
+            self.runner = CostModelRunner(mc, StepCost.parse(config.cost_model),
+                                          num_blocks=num_blocks, block_size=config.block_size,
+                                          device=self.device, dtype=self.dtype)
+        else:
+            self.runner = ModelRunner(self.loaded.model, num_blocks=num_blocks,
+                                      block_size=config.block_size, device=self.device,
+                                      dtype=self.dtype)
         if preemption is None and config.kv_store:
             preemption = self._store_preemption()
         self.scheduler = Scheduler(

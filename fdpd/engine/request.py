@@ -69,6 +69,13 @@ class Request:
     stop_reason: int | str | None = None
     # Chained hashes of the full blocks of `all_token_ids`, extended as tokens become known.
     block_hashes: list[bytes] = field(default_factory=list)
+    # Phase timing on this process's monotonic clock (only durations ever leave the process):
+    # the first step that ran it, and each ("preempted" | "restore", seconds) it spent off the
+    # running set, in order (preempted: until readmitted; restore: loading its KV from a store).
+    scheduled_at: float = 0.0
+    preempted_at: float = 0.0
+    restore_started_at: float = 0.0
+    pauses: list[tuple[str, float]] = field(default_factory=list)
     _all_token_ids: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -101,6 +108,10 @@ class Request:
         self._all_token_ids.append(token_id)
         if logprob is not None:
             self.output_logprobs.append(logprob)
+
+    def paused_seconds(self, kind: str | None = None) -> float:
+        """Seconds spent preempted and restoring (or only ``kind``) so far."""
+        return sum(s for k, s in self.pauses if kind is None or k == kind)
 
     def snapshot_token_ids(self) -> tuple[int, ...]:
         """An immutable copy of every token, for work that outlives this step (write-back)."""

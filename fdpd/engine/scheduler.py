@@ -11,12 +11,22 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fdpd.engine.block_manager import BlockManager, compute_block_hashes
 from fdpd.engine.preemption import PreemptionHandler, RecomputePreemption
 from fdpd.engine.request import Request, RequestStatus
+
+
+def _stamp_first_schedule(scheduled: list[tuple[Request, int]]) -> None:
+    """Record when each request first ran (one clock read per step, only if needed)."""
+    now = 0.0
+    for req, _ in scheduled:
+        if not req.scheduled_at:
+            now = now or time.monotonic()
+            req.scheduled_at = now
 
 
 def kv_owner(req: Request) -> str:
@@ -104,6 +114,7 @@ class Scheduler:
         self._lookups: dict[str, tuple[int, int] | None] = {}
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.num_restores = 0                 # store loads that restored at least one block
         self.num_restored_tokens = 0
         self.num_computed_prompt_tokens = 0   # prompt tokens run through the model
         self.num_recomputed_tokens = 0        # tokens computed again after a preemption
@@ -205,6 +216,7 @@ class Scheduler:
                 out.scheduled.append((req, admitted))
                 budget -= admitted
         self.running = running
+        _stamp_first_schedule(out.scheduled)
         return out
 
     def _admit(self, req: Request, budget: int) -> int | None:
@@ -236,11 +248,16 @@ class Scheduler:
         self.bm.record_query(req.num_tokens, len(cached))
         req.status = RequestStatus.RUNNING
         req.num_computed_tokens = len(cached) * bs
+        if req.preempted_at:
+            now = time.monotonic()
+            req.pauses.append(("preempted", now - req.preempted_at))
+            req.preempted_at = 0.0
         if load:
             blocks = self.bm.owned(req.request_id)[len(cached):]
             keys = req.block_hashes[len(cached):len(cached) + load]
             if self.preemption.load(req.request_id, blocks, keys):
                 self.loading[req.request_id] = req
+                req.restore_started_at = time.monotonic()
                 return 0
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)   # recompute
             if not self.bm.grow(req.request_id, req.num_computed_tokens + num_new):
@@ -273,6 +290,11 @@ class Scheduler:
         if req.is_finished:                     # aborted while loading
             self.bm.free(req_id)
             return
+        if req.restore_started_at:
+            req.pauses.append(("restore", time.monotonic() - req.restore_started_at))
+            req.restore_started_at = 0.0
+        if loaded:
+            self.num_restores += 1
         req.num_computed_tokens += loaded * self.bm.block_size
         self.num_restored_tokens += loaded * self.bm.block_size
         self.bm.commit(req_id, req.block_hashes, req.num_computed_tokens)
@@ -293,6 +315,7 @@ class Scheduler:
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
+        req.preempted_at = time.monotonic()
         self.num_preemptions += 1
         self.waiting.push(req, front=True)
         out.preempted.append(req)

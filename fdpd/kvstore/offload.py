@@ -66,6 +66,7 @@ class OffloadStats:
     blocks_restored: int = 0
     bytes_restored: int = 0
     lookups: int = 0
+    lookup_blocks: int = 0    # blocks asked about (hits + misses)
     lookup_hit_blocks: int = 0
     store_errors: int = 0
     corrupt_objects: int = 0
@@ -173,6 +174,7 @@ class KVOffload:
 
     def _do_lookup(self, req_id: str, start: int, keys: Sequence[bytes]):
         self.stats.lookups += 1
+        self.stats.lookup_blocks += len(keys)
         try:
             present = self.store.contains_prefix(keys)
         except StoreUnavailable:

@@ -10,6 +10,7 @@ ever decoded from. Leases expire on their own.
 from __future__ import annotations
 
 import logging
+import time
 
 from fdpd.engine.block_manager import compute_block_hashes
 from fdpd.engine.engine import RequestError, StepOutput
@@ -26,7 +27,7 @@ from fdpd.pd.protocol import (
     Tokens,
     TransferResult,
 )
-from fdpd.pd.service import InstanceService
+from fdpd.pd.service import InstanceService, Stream
 from fdpd.pd.transport import Inbound
 
 log = logging.getLogger(__name__)
@@ -41,10 +42,9 @@ class DecodeService(InstanceService):
                                         grant_ttl=self.pd.grant_ttl)
         self.handlers.update({AllocRequest: self.on_alloc, KVBlocks: self.on_kv,
                               PrefillDone: self.on_prefill_done})
-        self.routes: dict[str, str] = {}           # running req_id -> router inbox
         self.peers: dict[str, str] = {}            # prefill instance id -> its inbox
         self.counters.update({"kv_bytes_received": 0, "kv_blocks_received": 0,
-                              "kv_dropped": 0, "transfer_failures": 0})
+                              "kv_dropped": 0, "transfer_failures": 0, "alloc_refused": 0})
 
     # ------------------------------------------------------------------ admission
     def on_alloc(self, inbound: Inbound) -> None:
@@ -54,6 +54,7 @@ class DecodeService(InstanceService):
             # Validate the request as this engine will run it, before promising anything.
             self.build_request(msg)
         except (RequestError, ValueError) as e:
+            self.counters["alloc_refused"] += 1
             self.reject(msg.reply_to, msg.req_id, str(e), retryable=False)
             return
         try:
@@ -61,12 +62,16 @@ class DecodeService(InstanceService):
                                           msg.prompt_token_ids, self.engine.config.block_size)
             grant = self.ledger.offer(msg, inbound.envelope.src, hashes)
         except (RequestError, ValueError) as e:
+            self.counters["alloc_refused"] += 1
             self.reject(msg.reply_to, msg.req_id, str(e), retry_after=1.0)
             return
         if grant is not None:
             self._send_grant(grant)
 
     def _send_grant(self, g: GrantRecord) -> None:
+        self.metrics.grant_wait.observe(max(0.0, g.granted_at - g.requested_at))
+        log.debug("grant %s for %s: %d blocks (%d cached)", g.grant_id, g.req_id,
+                  len(g.block_ids), g.cached_blocks, extra={"request_id": g.req_id})
         self.send(g.reply_to, Grant(g.req_id, g.grant_id, g.block_ids, g.cached_blocks,
                                     self.ledger.grant_ttl))
 
@@ -79,7 +84,7 @@ class DecodeService(InstanceService):
                         "(its running requests' reservations come first)", retry_after=1.0)
         for g in self.ledger.expire():
             log.warning("grant %s for %s expired; blocks %s freed", g.grant_id, g.req_id,
-                        g.block_ids)
+                        g.block_ids, extra={"request_id": g.req_id})
             expired = GrantExpired(g.grant_id, g.req_id)
             self.send(g.reply_to, expired)
             self.send(g.msg.router_reply_to, expired)
@@ -102,6 +107,7 @@ class DecodeService(InstanceService):
 
     def on_prefill_done(self, inbound: Inbound) -> None:
         msg: PrefillDone = inbound.msg
+        arrived = inbound.received_at or time.monotonic()
         g = self.ledger.grants.get(msg.grant_id)
         if g is None or g.req_id != msg.req_id:
             self.counters["kv_dropped"] += 1
@@ -111,13 +117,16 @@ class DecodeService(InstanceService):
                                                   "unknown or expired grant"))
             return
         router = g.msg.router_reply_to
+        upstream = msg.timeline if isinstance(msg.timeline, dict) else {}
+        kv_transfer = self._transfer_seconds(g, upstream, arrived)
         if msg.finished:
             # The first token already ended the request: no decoding needed here.
             self.ledger.release(g.grant_id)
+            timeline = self._timeline(upstream, kv_transfer, {})
             self.send(router, Tokens(msg.req_id, [msg.first_token],
                                      None if msg.first_logprob is None else [msg.first_logprob],
                                      True, msg.finish_reason, msg.stop_reason,
-                                     g.prompt_len, msg.num_cached_tokens))
+                                     g.prompt_len, msg.num_cached_tokens, timeline))
             self.send(g.reply_to, TransferResult(g.grant_id, g.req_id, True))
             return
         try:
@@ -129,15 +138,33 @@ class DecodeService(InstanceService):
         req.append_output(msg.first_token, msg.first_logprob
                           if req.sampling_params.logprobs is not None else None)
         req.num_cached_tokens = msg.num_cached_tokens
+        req.arrival_time = arrived            # decode_queue: from PrefillDone off the socket
         self.engine.scheduler.adopt(req, g.owner)
-        self.routes[req.request_id] = router
+        # The first token (P's) goes out now: the next one's gap counts from here.
+        self.streams[req.request_id] = Stream(router, req, g.requested_at, time.monotonic(),
+                                              upstream=upstream, kv_transfer=kv_transfer)
         self.send(g.reply_to, TransferResult(g.grant_id, g.req_id, True))
+        log.debug("adopted %s: KV of %d blocks in, decoding", req.request_id,
+                  msg.num_kv_blocks, extra={"request_id": req.request_id})
         logprobs = req.output_logprobs[:1] or None
         self.send(router, Tokens(req.request_id, [msg.first_token], logprobs, False, None, None,
                                  req.num_prompt_tokens, req.num_cached_tokens))
 
+    def _transfer_seconds(self, g: GrantRecord, upstream: dict, arrived: float) -> float:
+        """One-way KV transfer time without comparing clocks: the prefill's send time plus
+        half of what remains of our round trip (grant sent -> PrefillDone off our socket)
+        once the prefill's share of it (grant off its socket -> PrefillDone sent) is taken
+        away: the two messages' times in flight, assumed alike."""
+        kv_send, hold = upstream.get("kv_send"), upstream.get("grant_hold")
+        if not isinstance(kv_send, (int, float)) or not isinstance(hold, (int, float)):
+            return 0.0
+        seconds = kv_send + max(0.0, arrived - g.created_at - hold) / 2
+        self.metrics.kv_transfer.observe(seconds)
+        return seconds
+
     def _fail_transfer(self, g: GrantRecord, reason: str) -> None:
-        log.warning("transfer for %s failed: %s", g.req_id, reason)
+        log.warning("transfer for %s failed: %s", g.req_id, reason,
+                    extra={"request_id": g.req_id})
         self.counters["transfer_failures"] += 1
         self.ledger.release(g.grant_id)
         self.send(g.reply_to, TransferResult(g.grant_id, g.req_id, False, reason))
@@ -145,18 +172,36 @@ class DecodeService(InstanceService):
 
     # ------------------------------------------------------------------ decoding
     def on_step(self, outputs: list[StepOutput]) -> None:
-        for out in outputs:
-            route = self.routes.get(out.request_id)
-            if route is None:
-                continue
-            self.send(route, self.tokens_message(out))
-            if out.finished:
-                del self.routes[out.request_id]
+        self.stream_outputs(outputs)
+
+    def finish_timeline(self, s: Stream, now: float) -> dict:
+        req = s.req
+        scheduled = req.scheduled_at or now
+        own = {"decode_queue": max(0.0, scheduled - req.arrival_time),
+               "decode": max(0.0, now - scheduled - req.paused_seconds()),
+               **self.pause_phases(req)}
+        self.metrics.observe_phases(own)
+        return self._timeline(s.upstream, s.kv_transfer or 0.0, own, req.num_preemptions)
+
+    def _timeline(self, upstream: dict | None, kv_transfer: float, own: dict,
+                  num_preemptions: int = 0) -> dict:
+        """The request's whole timeline for the router: the prefill's phases, the transfer,
+        ours (preemptions on both sides add up). ``kv_send`` is the measured part of
+        ``kv_transfer``: the router may shorten the estimated rest, never that."""
+        self.metrics.phase.observe(kv_transfer, phase="kv_transfer")
+        phases = {**_phases(upstream), "kv_transfer": kv_transfer}
+        for name, seconds in own.items():
+            phases[name] = phases.get(name, 0.0) + seconds
+        kv_send = (upstream or {}).get("kv_send")
+        return {"phases": phases, "decode_instance": self.instance_id,
+                "prefill_instance": (upstream or {}).get("prefill_instance"),
+                "kv_send": min(kv_send, kv_transfer) if isinstance(kv_send, (int, float))
+                else 0.0, "num_preemptions": num_preemptions}
 
     def on_abort(self, inbound: Inbound) -> None:
         msg: Abort = inbound.msg
         self.engine.abort_request(msg.req_id)
-        self.routes.pop(msg.req_id, None)
+        self.streams.pop(msg.req_id, None)
         g = self.ledger.grant_for(msg.req_id)
         if g is not None:
             self.ledger.release(g.grant_id)
@@ -164,3 +209,11 @@ class DecodeService(InstanceService):
 
     def load(self) -> dict:
         return {**super().load(), "ledger": self.ledger.snapshot()}
+
+
+def _phases(upstream: dict | None) -> dict:
+    phases = (upstream or {}).get("phases")
+    if not isinstance(phases, dict):
+        return {}
+    return {k: float(v) for k, v in phases.items()
+            if isinstance(k, str) and isinstance(v, (int, float))}

@@ -56,6 +56,8 @@ class GrantRecord:
     state: GrantState = GrantState.PENDING
     received: set[int] = field(default_factory=set)     # grant-relative block indices
     created_at: float = field(default_factory=time.monotonic)
+    requested_at: float = 0.0          # ledger clock: the AllocRequest arrived
+    granted_at: float = 0.0            # ledger clock: granted (after waiting, if it had to)
 
     @property
     def owner(self) -> str:
@@ -165,6 +167,7 @@ class ReservationLedger:
             if grant is None:
                 break
             self.waiting_allocs.popleft()
+            grant.requested_at = head.enqueued_at
             granted.append(grant)
         return granted, timed_out
 
@@ -189,6 +192,7 @@ class ReservationLedger:
         if not self.bm.allocate(grant.owner, msg.prompt_len + 1, cached):
             raise LedgerError("headroom said yes but the pool said no")
         grant.block_ids = list(self.bm.owned(grant.owner))
+        grant.requested_at = grant.granted_at = now
         self.bm.record_query(msg.prompt_len, len(cached))
         self.grants[grant_id] = grant
         self.by_req[msg.req_id] = grant_id

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fdpd.engine.engine import RequestError, StepOutput
 from fdpd.pd.protocol import Abort, Submit, SubmitAck
-from fdpd.pd.service import InstanceService
+from fdpd.pd.service import InstanceService, Stream
 from fdpd.pd.transport import Inbound
 
 
@@ -14,29 +14,35 @@ class MixedService(InstanceService):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.handlers[Submit] = self.on_submit
-        self.routes: dict[str, str] = {}          # req_id -> router inbox
 
     def on_submit(self, inbound: Inbound) -> None:
         msg: Submit = inbound.msg
         try:
             req = self.build_request(msg)
+            req.arrival_time = inbound.received_at or req.arrival_time   # off the socket
             self.engine.scheduler.add(req)
         except (RequestError, ValueError) as e:
             self.reject(msg.reply_to, msg.req_id, str(e), retryable=False)
             return
-        self.routes[msg.req_id] = msg.reply_to
+        self.streams[msg.req_id] = Stream(msg.reply_to, req, req.arrival_time)
         self.send(msg.reply_to, SubmitAck(msg.req_id))
 
     def on_step(self, outputs: list[StepOutput]) -> None:
-        for out in outputs:
-            route = self.routes.get(out.request_id)
-            if route is None:
-                continue
-            self.send(route, self.tokens_message(out))
-            if out.finished:
-                del self.routes[out.request_id]
+        self.stream_outputs(outputs)
+
+    def finish_timeline(self, s: Stream, now: float) -> dict:
+        req = s.req
+        scheduled = req.scheduled_at or s.first_token_at
+        paused = req.paused_seconds()
+        phases = {"prefill_queue": max(0.0, scheduled - req.arrival_time),
+                  "prefill": max(0.0, s.first_token_at - scheduled - s.paused_before_first),
+                  "decode": max(0.0, now - s.first_token_at - (paused - s.paused_before_first)),
+                  **self.pause_phases(req)}
+        self.metrics.observe_phases(phases)
+        return {"phases": phases, "decode_instance": self.instance_id,
+                "num_preemptions": req.num_preemptions}
 
     def on_abort(self, inbound: Inbound) -> None:
         msg: Abort = inbound.msg
         self.engine.abort_request(msg.req_id)
-        self.routes.pop(msg.req_id, None)
+        self.streams.pop(msg.req_id, None)

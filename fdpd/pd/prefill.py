@@ -43,6 +43,8 @@ class PrefillJob:
     deadline: float
     grant: Grant | None = None
     result: StepOutput | None = None       # the step that sampled the first token
+    computed_at: float = 0.0               # when the first token was sampled
+    granted_at: float = 0.0                # when the grant arrived
 
 
 class PrefillService(InstanceService):
@@ -66,6 +68,7 @@ class PrefillService(InstanceService):
             return
         try:
             req = self.build_request(msg, prefill_only=True)
+            req.arrival_time = inbound.received_at or req.arrival_time   # off the socket
             self.engine.scheduler.add(req)
         except (RequestError, ValueError) as e:
             self.reject(msg.reply_to, msg.req_id, str(e), retryable=False)
@@ -74,6 +77,8 @@ class PrefillService(InstanceService):
         self.jobs[msg.req_id] = PrefillJob(req, msg.reply_to, msg.decode_id, msg.decode_address,
                                            time.monotonic() + timeout)
         self.peers[msg.decode_id] = msg.decode_address
+        log.debug("submit %s: %d prompt tokens, decode %s", msg.req_id,
+                  len(msg.prompt_token_ids), msg.decode_id, extra={"request_id": msg.req_id})
         self.send(msg.reply_to, SubmitAck(msg.req_id))
         self.send(msg.decode_address, AllocRequest(
             msg.req_id, msg.prompt_token_ids, msg.params, msg.seed, msg.max_tokens,
@@ -89,6 +94,7 @@ class PrefillService(InstanceService):
                 self.send(address, Abort(msg.req_id, "prefill no longer has this request"))
             return
         job.grant = msg
+        job.granted_at = inbound.received_at or time.monotonic()
         if job.result is not None:
             self._ship(job)
 
@@ -98,6 +104,8 @@ class PrefillService(InstanceService):
             if job is None:
                 continue
             job.result = out
+            job.computed_at = time.monotonic()
+            self.metrics.ttft.observe(job.computed_at - job.req.arrival_time)
             if job.grant is not None:
                 self._ship(job)
 
@@ -108,6 +116,7 @@ class PrefillService(InstanceService):
         token = out.new_token_ids[0]
         logprob = out.new_logprobs[0] if out.new_logprobs else None
         kv_blocks_sent = 0
+        ship_start = time.monotonic()
         if out.finish_reason == "prefilled":
             owner = kv_owner(req)
             num_kv = self.engine.block_manager.blocks_for(req.num_prompt_tokens)
@@ -120,8 +129,30 @@ class PrefillService(InstanceService):
             grant.grant_id, req.request_id, token, logprob, kv_blocks_sent,
             req.num_cached_tokens, finished=out.finish_reason != "prefilled",
             finish_reason=None if out.finish_reason == "prefilled" else out.finish_reason,
-            stop_reason=out.stop_reason))
+            stop_reason=out.stop_reason, timeline=self._timeline(job, ship_start)))
         self.counters["transfers"] += 1
+        log.debug("shipped %s: %d KV blocks to %s", req.request_id, kv_blocks_sent,
+                  job.decode_id, extra={"request_id": req.request_id})
+
+    def _timeline(self, job: PrefillJob, ship_start: float) -> dict:
+        """This instance's phases of ``job`` (durations: D and the router have other clocks).
+        ``grant_hold`` (grant off our socket -> PrefillDone sent) lets D subtract our share
+        from its round trip (grant sent -> PrefillDone off its socket) and so estimate the
+        one-way time of PrefillDone. ``grant_wait`` runs until we start sending: waiting for
+        the grant, then for our loop to come round to it."""
+        now = time.monotonic()
+        req = job.req
+        scheduled = req.scheduled_at or job.computed_at
+        phases = {"prefill_queue": max(0.0, scheduled - req.arrival_time),
+                  "prefill": max(0.0, job.computed_at - scheduled - req.paused_seconds()),
+                  "grant_wait": max(0.0, ship_start - job.computed_at)}
+        phases.update(self.pause_phases(req))
+        kv_send = now - ship_start
+        self.metrics.kv_transfer.observe(kv_send)
+        self.metrics.e2e.observe(now - req.arrival_time)
+        self.metrics.observe_phases(phases)
+        return {"phases": phases, "kv_send": kv_send, "grant_hold": now - job.granted_at,
+                "prefill_instance": self.instance_id}
 
     def _send_kv(self, job: PrefillJob, blocks: list[int]) -> int:
         sent = kv_transfer.send_kv_blocks(
@@ -154,7 +185,8 @@ class PrefillService(InstanceService):
         msg: TransferResult = inbound.msg
         if not msg.ok:
             self.counters["transfer_failures"] += 1
-            log.warning("transfer of %s refused by decode: %s", msg.req_id, msg.reason)
+            log.warning("transfer of %s refused by decode: %s", msg.req_id, msg.reason,
+                        extra={"request_id": msg.req_id})
 
     def on_abort(self, inbound: Inbound) -> None:
         msg: Abort = inbound.msg

@@ -196,6 +196,9 @@ class PrefillDone(Message):
     finished: bool = False     # the first token already ended the request
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # The prefill's phase durations (its own clock; see Tokens.timeline). Optional: a sender
+    # without it is still understood.
+    timeline: dict | None = None
 
 
 @dataclass
@@ -227,6 +230,9 @@ class Tokens(Message):
     stop_reason: int | str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    # On the last message of a request: where its time went, as durations measured on each
+    # process's own monotonic clock (clocks of different hosts are never compared):
+    # {"phases": {name: seconds}, "prefill_instance": id, "decode_instance": id}.
     timeline: dict | None = None
 
 

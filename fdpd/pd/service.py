@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar
 
 from fdpd.config import InstanceConfig, PDConfig
@@ -25,10 +26,28 @@ from fdpd.pd.protocol import (
     Tokens,
     new_epoch,
 )
+from fdpd.pd.instance_metrics import InstanceMetrics, MetricsServer
 from fdpd.pd.transport import Inbound, Transport
 from fdpd.sampling_params import SamplingParams, SamplingParamsError
 
 log = logging.getLogger(__name__)
+# /health fails when the loop has not come round for this long (a step on a big model on CPU
+# can take seconds; a loop stuck for this long is stuck).
+LOOP_STALL_SECONDS = 60.0
+
+
+@dataclass
+class Stream:
+    """A request whose tokens this instance sends to the router (decode and mixed roles)."""
+
+    reply_to: str
+    req: Request
+    started_at: float                   # arrival here (decode: the grant request's arrival)
+    last_token_at: float = 0.0          # previous token sent (0: none yet)
+    first_token_at: float = 0.0
+    paused_before_first: float = 0.0    # preempted/restoring before the first token
+    upstream: dict | None = None        # the prefill's timeline (PrefillDone.timeline)
+    kv_transfer: float | None = None
 
 
 class InstanceService:
@@ -40,7 +59,8 @@ class InstanceService:
         self.inst = inst
         self.epoch = new_epoch()
         self.transport = Transport("unbound", self.epoch, f"tcp://{inst.host}:{inst.port}")
-        self.instance_id = inst.instance_id or f"{self.role}@{self.transport.address[6:]}"
+        self._address = inst.advertised(self.transport.address)
+        self.instance_id = inst.instance_id or f"{self.role}@{self._address[6:]}"
         self.transport.codec.src = self.instance_id
         self.router_address = f"tcp://{inst.router}" if inst.router else None
         self.registered = False
@@ -53,10 +73,22 @@ class InstanceService:
         }
         self._next_heartbeat = 0.0
         self.store_latencies: tuple[list[float], list[float]] = ([], [])
+        self.streams: dict[str, Stream] = {}
+        self.metrics = InstanceMetrics()
+        self.last_load: dict = {}               # swapped (never mutated) once per heartbeat
+        self.loop_at = time.monotonic()
+        self.metrics_server: MetricsServer | None = None
+        self.metrics_url: str | None = None
+        if inst.metrics_port >= 0:
+            self.metrics_server = MetricsServer(
+                inst.host, inst.metrics_port,
+                lambda: self.metrics.render(self.last_load), self.health)
+            self.metrics_url = self.metrics_server.url(inst.advertise_host)
 
     @property
     def address(self) -> str:
-        return self.transport.address
+        """The inbox address peers dial (the bound port on the advertised host)."""
+        return self._address
 
     # ------------------------------------------------------------------ the loop
     def serve(self, stop: threading.Event) -> None:
@@ -69,6 +101,7 @@ class InstanceService:
 
     def run_once(self) -> None:
         now = time.monotonic()
+        self.loop_at = now
         if self.router_address and now >= self._next_heartbeat:
             self._heartbeat()
             self._next_heartbeat = now + self.pd.heartbeat_interval
@@ -83,8 +116,18 @@ class InstanceService:
             self.on_step(self.engine.step())
 
     def close(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self.transport.close()
         self.engine.close()
+
+    def health(self) -> tuple[bool, dict]:
+        """For ``/health`` (any thread): registered with the router, and the loop turning."""
+        stalled = time.monotonic() - self.loop_at
+        ok = self.registered and stalled < LOOP_STALL_SECONDS
+        return ok, {"status": "ok" if ok else "unavailable", "instance_id": self.instance_id,
+                    "role": self.role, "epoch": self.epoch, "registered": self.registered,
+                    "seconds_since_loop": round(stalled, 3)}
 
     def tick(self) -> None:
         """Role timers (leases, deadlines). Called once per loop iteration."""
@@ -109,7 +152,8 @@ class InstanceService:
             # A handler bug must not take the instance down; it is logged and counted, and
             # the request it concerned fails through its deadline or the router's retry.
             self.counters["handler_errors"] += 1
-            log.exception("%s: handling %s failed", self.instance_id, inbound.msg.TYPE)
+            log.exception("%s: handling %s failed", self.instance_id, inbound.msg.TYPE,
+                          extra={"request_id": getattr(inbound.msg, "req_id", None)})
 
     def send(self, address: str, msg: Message, frames=()) -> None:
         self.transport.send(address, msg, frames)
@@ -129,16 +173,58 @@ class InstanceService:
     def reject(self, address: str, req_id: str, reason: str, retry_after: float = 0.0,
                retryable: bool = True) -> None:
         self.counters["rejected"] += 1
+        log.info("rejected %s: %s", req_id, reason, extra={"request_id": req_id})
         self.send(address, Reject(req_id, reason, retry_after, origin=self.instance_id,
                                   retryable=retryable))
 
-    def tokens_message(self, out: StepOutput) -> Tokens:
+    def tokens_message(self, out: StepOutput, timeline: dict | None = None) -> Tokens:
         return Tokens(out.request_id, out.new_token_ids, out.new_logprobs, out.finished,
                       out.finish_reason, out.stop_reason, out.num_prompt_tokens,
-                      out.num_cached_tokens)
+                      out.num_cached_tokens, timeline)
+
+    # ------------------------------------------------------------------ streaming tokens
+    def stream_outputs(self, outputs: list[StepOutput]) -> None:
+        """Send each streamed request's new tokens to the router; time them (one clock read
+        per step); at the end, attach the request's timeline."""
+        now = 0.0
+        for out in outputs:
+            s = self.streams.get(out.request_id)
+            if s is None:
+                continue
+            now = now or time.monotonic()
+            if s.last_token_at:
+                gap = (now - s.last_token_at) / max(1, len(out.new_token_ids))
+                self.metrics.itl.observe(gap)
+            else:
+                s.first_token_at = now
+                s.paused_before_first = s.req.paused_seconds()
+                self.metrics.ttft.observe(now - s.started_at)
+            s.last_token_at = now
+            timeline = None
+            if out.finished:
+                del self.streams[out.request_id]
+                timeline = self.finish_timeline(s, now)
+                log.debug("finished %s (%s)", out.request_id, out.finish_reason,
+                          extra={"request_id": out.request_id})
+                self.metrics.e2e.observe(now - s.started_at)
+            self.send(s.reply_to, self.tokens_message(out, timeline))
+
+    def finish_timeline(self, s: Stream, now: float) -> dict:
+        """The timeline of a request that finished here (role specific); observes the phases
+        measured here in this instance's histogram."""
+        raise NotImplementedError
+
+    def pause_phases(self, req: Request) -> dict:
+        """Preemption and restore phases, only for a request that had any."""
+        if not req.pauses:
+            return {}
+        return {"preempted": req.paused_seconds("preempted"),
+                "restore": req.paused_seconds("restore")}
 
     # ------------------------------------------------------------------ membership
     def _heartbeat(self) -> None:
+        load = self.load()
+        self.last_load = load
         if not self.registered:
             cfg = self.engine.config
             self.send(self.router_address, Register(
@@ -146,7 +232,7 @@ class InstanceService:
                 cfg.block_size, self.engine.block_manager.num_blocks,
                 self.engine.max_model_len, self.engine.fingerprint))
         else:
-            self.send(self.router_address, Heartbeat(self.load()))
+            self.send(self.router_address, Heartbeat(load))
 
     def _on_register_ack(self, inbound: Inbound) -> None:
         msg: RegisterAck = inbound.msg
@@ -173,10 +259,16 @@ class InstanceService:
         writes, restores = s.take_latencies()
         self.store_latencies[0].extend(writes)
         self.store_latencies[1].extend(restores)
+        for seconds in writes:
+            self.metrics.store_write.observe(seconds)
+        for seconds in restores:
+            self.metrics.store_restore.observe(seconds)
         return {"blocks_written": s.blocks_written, "blocks_skipped": s.blocks_skipped,
                 "bytes_written": s.bytes_written, "blocks_restored": s.blocks_restored,
                 "bytes_restored": s.bytes_restored, "lookups": s.lookups,
-                "lookup_hit_blocks": s.lookup_hit_blocks, "errors": s.store_errors,
+                "lookup_hit_blocks": s.lookup_hit_blocks,
+                "lookup_miss_blocks": s.lookup_blocks - s.lookup_hit_blocks,
+                "errors": s.store_errors,
                 "corrupt_objects": s.corrupt_objects, "dropped_writes": s.dropped_writes,
                 "write_seconds": _summary(self.store_latencies[0]),
                 "restore_seconds": _summary(self.store_latencies[1])}
@@ -192,12 +284,14 @@ class InstanceService:
             "total_blocks": bm.num_blocks,
             "kv_usage": bm.usage,
             "num_preemptions": sched.num_preemptions,
+            "num_restores": sched.num_restores,
             "num_restored_tokens": sched.num_restored_tokens,
             "num_computed_prompt_tokens": sched.num_computed_prompt_tokens,
             "num_recomputed_tokens": sched.num_recomputed_tokens,
             "kv_store": self._store_stats(),
             "prefix_queried_tokens": stats.queried_tokens,
             "prefix_hit_tokens": stats.hit_tokens,
+            "metrics_address": self.metrics_url,
             "transport": {"received": self.transport.stats.received,
                           "malformed": self.transport.stats.malformed,
                           "stale_epoch": self.transport.stats.stale_epoch,

@@ -18,6 +18,7 @@ import collections
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 class Inbound:
     envelope: Envelope
     frames: list[zmq.Frame]
+    # When the IO thread took it off the socket (monotonic): the time a message waited for a
+    # busy engine loop is then measurable (request timelines).
+    received_at: float = 0.0
 
     @property
     def msg(self) -> Message:
@@ -178,7 +182,7 @@ class Transport:
             return
         self._peer_epochs[env.src] = env.epoch
         self.stats.received += 1
-        inbound = Inbound(env, parts[1:])
+        inbound = Inbound(env, parts[1:], time.monotonic())
         if self._on_message is not None:
             self._on_message(inbound)
         else:

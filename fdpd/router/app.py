@@ -1,7 +1,9 @@
 """The router's HTTP server: the OpenAI API on top of a :class:`RouterCore`.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /v1/models/{model}``, ``GET /v1/cluster``, ``GET /health``, ``GET /metrics``. With an API
+``GET /v1/models/{model}``, ``GET /v1/cluster``, ``GET /v1/requests/recent`` (``?limit=N``),
+``GET /v1/requests/{id}/timeline`` (see ``fdpd.router.timeline``), ``GET /health``,
+``GET /metrics``. With an API
 key, every ``/v1/*`` path needs ``Authorization: Bearer <key>``; ``/health`` and ``/metrics``
 stay open for probes and scrapers.
 """
@@ -75,6 +77,23 @@ def create_app(core: RouterCore, *, api_key: str | None = None,
     @app.get("/v1/cluster")
     async def cluster() -> JSONResponse:
         return JSONResponse(await _guard_sync(core.cluster))
+
+    @app.get("/v1/requests/recent")
+    async def recent_requests(limit: int = 100) -> dict[str, Any]:
+        if not 1 <= limit <= ctx.metrics.timelines.capacity:
+            raise APIError(400, f"limit must be 1..{ctx.metrics.timelines.capacity}",
+                           param="limit")
+        return {"object": "list", "data": ctx.metrics.timelines.recent(limit)}
+
+    @app.get("/v1/requests/{request_id}/timeline")
+    async def request_timeline(request_id: str) -> dict[str, Any]:
+        entry = ctx.metrics.timelines.get(request_id)
+        if entry is None:
+            raise APIError(404, f"no timeline for request `{request_id}`: unknown, still "
+                           f"running, or older than the last "
+                           f"{ctx.metrics.timelines.capacity} requests",
+                           code="request_not_found")
+        return entry
 
     @app.get("/health")
     async def health() -> JSONResponse:

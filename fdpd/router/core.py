@@ -21,9 +21,10 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from fdpd.config import PDConfig
+from fdpd.config import PDConfig, advertised_address
 from fdpd.metrics import Registry as MetricRegistry
 from fdpd.model.tokenizer import Tokenizer
+from fdpd.pd.load_metrics import render_loads
 from fdpd.pd.protocol import (
     Abort,
     Error,
@@ -54,6 +55,21 @@ class TokenDelta:
     stop_reason: int | str | None
     num_prompt_tokens: int
     num_cached_tokens: int
+    # On the last delta only: the instances' timeline (Tokens.timeline) and how the router
+    # placed the request (see Route).
+    timeline: dict | None = None
+    route: Route | None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where the attempt that served a request went, and when it left (router clock)."""
+
+    mode: str                          # pd | mixed
+    prefill: str | None
+    decode: str
+    attempts: int
+    dispatched_at: float
 
 
 class RouterError(Exception):
@@ -90,6 +106,7 @@ class Inflight:
     prompt_tokens: int
     streamed: bool = False
     acked: bool = False
+    dispatched_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -103,7 +120,8 @@ class RouterStats:
 class RouterCore:
     def __init__(self, *, model_name: str, tokenizer: Tokenizer | None,
                  chat_template: str | None, max_model_len: int, pd: PDConfig,
-                 control_address: str = "tcp://127.0.0.1:0", max_attempts: int = 3):
+                 control_address: str = "tcp://127.0.0.1:0", max_attempts: int = 3,
+                 advertise_host: str | None = None):
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.chat_template = chat_template
@@ -111,6 +129,7 @@ class RouterCore:
         self.pd = pd
         self.max_attempts = max_attempts
         self.control_address = control_address
+        self.advertise_host = advertise_host
         self.registry = Registry(timeout=max(2.0, 6 * pd.heartbeat_interval))
         self.affinity = policy.PrefixAffinity()
         self.inflight: dict[str, Inflight] = {}           # by the attempt's wire id
@@ -127,7 +146,8 @@ class RouterCore:
         self._loop = asyncio.get_running_loop()
         self.transport = Transport("router", self.epoch, self.control_address,
                                    on_message=self._from_io_thread)
-        self.control_address = self.transport.address
+        # Instances send tokens here: the bound port on a host name they can dial.
+        self.control_address = advertised_address(self.transport.address, self.advertise_host)
         self._monitor = asyncio.create_task(self._watch_instances())
         log.info("router control channel at %s", self.control_address)
 
@@ -183,7 +203,13 @@ class RouterCore:
                 while True:
                     remaining = deadline - time.monotonic()
                     try:
-                        event = await asyncio.wait_for(flight.queue.get(), max(remaining, 0))
+                        if remaining > 0 and not flight.queue.empty():
+                            # Tokens often arrive in bursts; on Python < 3.12 each wait_for
+                            # costs a task and a timer (measured: ~3% of the router's CPU).
+                            event = flight.queue.get_nowait()
+                        else:
+                            event = await asyncio.wait_for(flight.queue.get(),
+                                                           max(remaining, 0))
                     except asyncio.TimeoutError:
                         if flight.streamed:
                             raise StreamBroken("request deadline passed") from None
@@ -200,6 +226,11 @@ class RouterCore:
                             excluded.add(event.origin)
                         break
                     flight.streamed = True
+                    if event.finished:
+                        event.route = Route(
+                            "pd" if flight.prefill else "mixed",
+                            flight.prefill.instance_id if flight.prefill else None,
+                            flight.decode.instance_id, attempt + 1, flight.dispatched_at)
                     yield event
                     if event.finished:
                         finished = True
@@ -236,6 +267,8 @@ class RouterCore:
                 inst.outstanding += 1
                 inst.outstanding_tokens += len(prompt)
         self.stats.requests[mode] += 1
+        log.debug("dispatch %s: %s", request_id, f"{first.instance_id} -> {second.instance_id}"
+                  if first else second.instance_id, extra={"request_id": request_id})
         self._send(target.address, Submit(
             request_id, list(prompt), params.to_dict(), seed, max_tokens,
             self.control_address, max(0.0, deadline - time.monotonic()),
@@ -279,7 +312,8 @@ class RouterCore:
             if flight is not None:
                 flight.queue.put_nowait(TokenDelta(
                     list(msg.token_ids), msg.logprobs, msg.finished, msg.finish_reason,
-                    msg.stop_reason, msg.num_prompt_tokens, msg.num_cached_tokens))
+                    msg.stop_reason, msg.num_prompt_tokens, msg.num_cached_tokens,
+                    msg.timeline))
         elif isinstance(msg, Heartbeat):
             if not self.registry.heartbeat(env.src, env.epoch, msg.load):
                 # Unknown to this router (it restarted) or marked dead: register again.
@@ -346,48 +380,18 @@ class RouterCore:
                 "instances": [i.view() for i in self.registry.instances.values()]}
 
     def metrics(self) -> str:
-        """The cluster view as Prometheus text: per-instance gauges from the last heartbeats
-        (labelled by instance and role) and the router's own counters."""
+        """The cluster view as Prometheus text: every instance's load report from its last
+        heartbeat (labelled by instance and role, see ``fdpd.pd.load_metrics``) and the
+        router's own counters."""
         reg = MetricRegistry()
         labels = ("instance", "role")
-        per_instance = [
-            ("fdpd:num_requests_running", "Requests running on the instance.", "running"),
-            ("fdpd:num_requests_waiting", "Requests queued on the instance.", "waiting"),
-            ("fdpd:kv_cache_usage_perc", "Share of KV blocks in use.", "kv_usage"),
-            ("fdpd:num_preemptions_total", "Preemptions on the instance.", "num_preemptions"),
-            ("fdpd:prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.",
-             "prefix_queried_tokens"),
-            ("fdpd:prefix_cache_hits_total", "Prompt tokens found in the prefix cache.",
-             "prefix_hit_tokens"),
-            ("fdpd:kv_transfer_bytes_total", "KV bytes sent by a prefill instance.",
-             "kv_bytes_sent"),
-            ("fdpd:kv_transfer_received_bytes_total", "KV bytes received by a decode instance.",
-             "kv_bytes_received"),
-        ]
-        per_ledger = [
-            ("fdpd:reserved_blocks", "Decode blocks reserved for running requests' growth.",
-             "reserved_blocks"),
-            ("fdpd:pending_grants", "Decode grants awaiting their KV.", "pending_grants"),
-            ("fdpd:free_blocks", "Decode blocks free (including cached).", "free_blocks"),
-            ("fdpd:grants_total", "Grants given.", "grants_granted"),
-            ("fdpd:grants_deferred_total", "Grant requests that had to wait.", "grants_deferred"),
-            ("fdpd:grants_rejected_total", "Grant requests refused after waiting.",
-             "grants_rejected"),
-            ("fdpd:grants_expired_total", "Grants whose lease ran out.", "grants_expired"),
-        ]
         healthy = reg.gauge("fdpd:instance_healthy", "1 while the instance heartbeats.", labels)
-        gauges = {key: reg.gauge(name, help_text, labels)
-                  for name, help_text, key in per_instance + per_ledger}
+        loads = []
         for inst in self.registry.instances.values():
             who = {"instance": inst.instance_id, "role": inst.role}
             healthy.set(int(inst.healthy), **who)
-            ledger = inst.load.get("ledger") or {}
-            for _, _, key in per_instance:
-                if isinstance(inst.load.get(key), (int, float)):
-                    gauges[key].set(inst.load[key], **who)
-            for _, _, key in per_ledger:
-                if isinstance(ledger.get(key), (int, float)):
-                    gauges[key].set(ledger[key], **who)
+            loads.append((who, inst.load))
+        render_loads(reg, loads, labels, summaries=True)
         routed = reg.counter("fdpd:router_requests_total", "Requests dispatched, by mode.",
                              ("mode",))
         for mode, n in self.stats.requests.items():
@@ -396,6 +400,8 @@ class RouterCore:
             self.stats.retries)
         reg.counter("fdpd:router_instance_deaths_total", "Instances marked dead.").inc(
             self.stats.instance_deaths)
+        reg.gauge("fdpd:router_requests_inflight", "Requests the router is waiting on.").set(
+            len(self.inflight))
         return reg.render()
 
 

@@ -7,11 +7,12 @@ The core's metrics (registry, instances) are rendered by the core and appended t
 from __future__ import annotations
 
 from fdpd.metrics import Registry
+from fdpd.router.timeline import RequestTimelines
 
 # Paths reported under their own label; anything else counts as "other" (bounded cardinality:
 # a scanner hitting random URLs must not grow the metric set).
 KNOWN_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/cluster",
-                   "/health", "/metrics")
+                   "/v1/requests/recent", "/health", "/metrics")
 
 
 class RouterMetrics:
@@ -42,6 +43,7 @@ class RouterMetrics:
         self.request_success = r.counter(
             "fdpd:request_success_total", "Requests that finished, by finish reason.",
             ("finished_reason",))
+        self.timelines = RequestTimelines(r)
 
     @staticmethod
     def endpoint_label(path: str) -> str:

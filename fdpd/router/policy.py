@@ -34,11 +34,16 @@ class PrefixAffinity:
         return out
 
     def matched_tokens(self, hashes: Sequence[bytes], instance_id: str) -> int:
+        """Tokens of the deepest block ``instance_id`` computed last. A chained hash names its
+        whole prefix, so that instance holds every block before it too; stopping at the first
+        block recorded for someone else instead made a prefix every prompt shares (a system
+        prompt, last recorded for whichever instance served the latest request) hide all
+        deeper matches (Mooncake conversation trace, 4 P: hit ratio 0.134 against 0.268 for
+        one LRU cache of the same capacity)."""
         n = 0
-        for h in hashes:
-            if self._owner.get(h) != instance_id:
-                break
-            n += 1
+        for k, h in enumerate(hashes):
+            if self._owner.get(h) == instance_id:
+                n = k + 1
         return n * self.block_size
 
     def record(self, hashes: Sequence[bytes], instance_id: str) -> None:

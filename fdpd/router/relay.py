@@ -10,6 +10,7 @@ core's generator, so P and D free the request's blocks.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,9 +19,12 @@ from typing import TYPE_CHECKING
 import anyio
 
 from fdpd.outputs import TextStream
-from fdpd.router.core import RouterError, StreamBroken, TokenDelta
+from fdpd.router.core import Route, RouterError, StreamBroken, TokenDelta
 from fdpd.router.http_metrics import RouterMetrics
+from fdpd.router.timeline import upstream_phases
 from fdpd.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from fdpd.router.core import RouterCore
@@ -56,6 +60,9 @@ class Relay:
         self.num_cached_tokens = 0
         self.num_output_tokens = 0
         self._last_token_at: float | None = None
+        self._first_token_at: float | None = None
+        self._route: Route | None = None
+        self._timeline: dict | None = None
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.num_prompt_tokens,
@@ -70,6 +77,7 @@ class Relay:
         deltas = self.core.generate(self.request_id, self.prompt_token_ids, self.params)
         finished = False
         abort_reason = "client disconnected"
+        outcome: tuple[str, str | None] = ("aborted", "client disconnected")
         self.metrics.requests_running.inc()
         try:
             async for delta in deltas:
@@ -89,6 +97,7 @@ class Relay:
                     piece.stop_reason = delta.stop_reason
                 if piece.finished:
                     finished = True
+                    outcome = ("finished", piece.finish_reason)
                     self._record_finish(piece.finish_reason)
                     yield piece
                     return
@@ -96,8 +105,9 @@ class Relay:
             raise self._failure("the token stream ended before the request finished")
         except (GeneratorExit, asyncio.CancelledError):
             raise
-        except BaseException:
+        except BaseException as e:
             abort_reason = "error"
+            outcome = ("error", getattr(e, "message", None) or type(e).__name__)
             raise
         finally:
             self.metrics.requests_running.dec()
@@ -105,6 +115,7 @@ class Relay:
                 await self._end_core(deltas, abort_reason)
             else:
                 await _close(deltas)
+            self._record_timeline(*outcome)
 
     async def _end_core(self, deltas: AsyncIterator[TokenDelta], reason: str) -> None:
         # Shielded: this often runs because the surrounding task is being cancelled (the client
@@ -123,10 +134,13 @@ class Relay:
         if delta.num_prompt_tokens:
             self.num_prompt_tokens = delta.num_prompt_tokens
         self.num_cached_tokens = delta.num_cached_tokens
+        if delta.finished:
+            self._route, self._timeline = delta.route, delta.timeline
         n = len(delta.token_ids)
         if not n:
             return
         if self._last_token_at is None:
+            self._first_token_at = now
             self.metrics.ttft.observe(now - self.arrival)
         else:
             gap = (now - self._last_token_at) / n
@@ -142,6 +156,51 @@ class Relay:
         m.prompt_tokens.inc(self.num_prompt_tokens)
         m.cached_prompt_tokens.inc(self.num_cached_tokens)
         m.request_success.inc(finished_reason=reason)
+
+    def _record_timeline(self, status: str, detail: str | None) -> None:
+        """The request's timeline (see ``fdpd.router.timeline``): histogram, log, buffer."""
+        try:
+            now = time.monotonic()
+            e2e = now - self.arrival
+            route, upstream = self._route, self._timeline or {}
+            phases: dict[str, float] = {}
+            if route is not None:
+                phases["router_queue"] = max(0.0, route.dispatched_at - self.arrival)
+            phases.update(upstream_phases(upstream))
+            _bound_transfer_estimate(phases, upstream, e2e)
+            ttft = (self._first_token_at - self.arrival
+                    if self._first_token_at is not None else None)
+            entry = {
+                "request_id": self.request_id, "status": status,
+                "finish_reason" if status == "finished" else "reason": detail,
+                "arrival_time": round(time.time() - e2e, 3), "e2e_seconds": round(e2e, 6),
+                "ttft_seconds": None if ttft is None else round(ttft, 6),
+                "mode": route.mode if route else None,
+                "prefill_instance": route.prefill if route else None,
+                "decode_instance": route.decode if route else None,
+                "attempts": route.attempts if route else None,
+                "prompt_tokens": self.num_prompt_tokens,
+                "cached_tokens": self.num_cached_tokens,
+                "output_tokens": self.num_output_tokens,
+                "num_preemptions": upstream.get("num_preemptions", 0),
+                "phases": {k: round(v, 6) for k, v in phases.items()},
+                "unaccounted_seconds": round(e2e - sum(phases.values()), 6),
+            }
+            self.metrics.timelines.record(entry)
+        except Exception:                # bookkeeping must never break a response
+            log.exception("recording the timeline of %s failed", self.request_id)
+
+
+def _bound_transfer_estimate(phases: dict[str, float], upstream: dict, e2e: float) -> None:
+    """``kv_transfer`` is the one phase not measured on one clock (its in-flight part is half
+    a round trip). Every other phase is a measured interval on the request's causal chain,
+    so when the sum overshoots the end-to-end time, the estimate is what is wrong: shorten
+    it, down to its measured part (``kv_send``) at most."""
+    over = sum(phases.values()) - e2e
+    if over > 0 and "kv_transfer" in phases:
+        kv_send = upstream.get("kv_send")
+        floor = min(phases["kv_transfer"], kv_send if isinstance(kv_send, (int, float)) else 0.0)
+        phases["kv_transfer"] = max(floor, phases["kv_transfer"] - over)
 
 
 async def _close(stream: AsyncIterator[TokenDelta]) -> None:

@@ -50,6 +50,7 @@ class Cluster:
                  model: str = "tiny", common_args: Sequence[str] = (),
                  prefill_args: Sequence[str] = (), decode_args: Sequence[str] = (),
                  mixed_args: Sequence[str] = (), router_args: Sequence[str] = (),
+                 instance_args: Mapping[str, Sequence[str]] | None = None,
                  log_dir: str | os.PathLike | None = None, heartbeat_interval: float = 0.2,
                  env: Mapping[str, str] | None = None, startup_timeout: float = 60.0,
                  check_quiescent: bool = True, quiescent_timeout: float = 15.0,
@@ -70,6 +71,8 @@ class Cluster:
         self._role_args = {"prefill": [str(a) for a in prefill_args],
                            "decode": [str(a) for a in decode_args],
                            "mixed": [str(a) for a in mixed_args]}
+        # Per instance name ("decode-1": [...]), after the role's arguments.
+        self._instance_args = {k: [str(a) for a in v] for k, v in (instance_args or {}).items()}
         self._counts = {"prefill": num_prefill, "decode": num_decode, "mixed": num_mixed}
         self.router: ClusterProcess | None = None
         self.processes: list[ClusterProcess] = []      # instances, in start order
@@ -157,7 +160,7 @@ class Cluster:
         args = ["--host", HOST, "--port", "0", "--router", f"{HOST}:{self.control_port}",
                 "--model", self.model, "--heartbeat-interval", str(self.heartbeat_interval),
                 "--torch-threads", "1", "--instance-id", name, *self._common,
-                *self._role_args[role]]
+                *self._role_args[role], *self._instance_args.get(name, ())]
         return ClusterProcess(name, role, launch_command(role, args),
                               self.log_dir / f"{name}.log", self._env)
 

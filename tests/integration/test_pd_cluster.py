@@ -318,6 +318,7 @@ def _freeze_prefill_holding_grant(cluster: Cluster, pool: ThreadPoolExecutor, cl
     assert v["ledger"]["grants_committed"] == committed, why(cluster, "the transfer beat the "
                                                              "SIGSTOP: make the prefill slower")
     assert v["pending_grants"] == 1, why(cluster, v)
+    assert metric(cluster, "fdpd:pending_grants", instance=decode_proc.name) == 1
     return fut, prefill, paused_at
 
 
@@ -326,7 +327,19 @@ def _wait_lease_expired(cluster: Cluster, paused_at: float) -> dict:
     v = cluster.wait_for(lambda: (x := cluster.view(decode_proc))["ledger"]["grants_expired"]
                          and x, GRANT_TTL + 2.0, interval=0.02, what="the grant to expire")
     assert time.monotonic() - paused_at < GRANT_TTL + 1.0, why(cluster, "lease expired late")
+    assert metric(cluster, "fdpd:grants_total", instance=decode_proc.name,
+                  result="expired") >= 1
     return v
+
+
+def metric(cluster: Cluster, name: str, **labels: str) -> float | None:
+    """One series of the router's /metrics (the cluster view), by name and labels."""
+    for line in cluster.metrics().splitlines():
+        series, _, value = line.rpartition(" ")
+        if series.split("{")[0] == name and all(f'{k}="{v}"' in series
+                                                 for k, v in labels.items()):
+            return float(value)
+    return None
 
 
 @pytest.mark.timeout(60)
