@@ -1,3 +1,17 @@
-"""Shared pytest configuration: the integration harness's fixtures (``cluster_factory``)."""
+"""Shared pytest configuration: the integration harness's fixtures (``cluster_factory``) and one
+torch thread for engines running inside the test process (2 threads on this 2-core machine,
+next to cluster processes, ran the offline engine ~20x slower)."""
+
+import pytest
 
 pytest_plugins = ["fdpd.testing.pytest_plugin"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -60,15 +60,6 @@ CHECKPOINTS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Keeps the file within its time budget on the 2-core CI machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def ckpt_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("engine-checkpoints")

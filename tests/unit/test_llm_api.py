@@ -8,7 +8,6 @@ import json
 import math
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from fdpd import LLM, SamplingParams
@@ -22,14 +21,6 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12)
 # Prompts of the tiny model whose greedy continuation reaches <eos> within 32 tokens (found by
 # running them; the weights are fixed, so this is stable). "def f():" stops after 7 tokens.
 EOS_PROMPT = "def f():"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,6 @@ GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
 POOL = dict(num_kv_blocks=24, block_size=8, max_num_batched_tokens=64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
-
-
 def prompts(n=16, seed=0):
     rng = random.Random(seed)
     return [[rng.randrange(256) for _ in range(rng.randrange(20, 60))] for _ in range(n)]
