@@ -167,7 +167,8 @@ class Sampler:
                    r.params.presence_penalty) for r in rows]
         table = torch.tensor(params, dtype=torch.float32, device=dev)
         if any(rep != 1.0 for rep, _, _ in params):
-            seen_ids = [torch.cat([self._ids(r.prompt_token_ids), o]) for r, o in zip(rows, outputs)]
+            seen_ids = [torch.cat([self._ids(r.prompt_token_ids), o])
+                        for r, o in zip(rows, outputs)]
             seen = torch.zeros(n, vocab, dtype=torch.bool, device=dev)
             seen[self._scatter_index(seen_ids)] = True
             # A row with penalty 1 divides/multiplies by exactly 1: unchanged, bit for bit.

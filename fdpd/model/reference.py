@@ -114,8 +114,8 @@ class ReferenceModel:
 
     def _mlp(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         p = f"model.layers.{layer}.mlp."
-        return self._linear(F.silu(self._linear(x, p + "gate_proj")) * self._linear(x, p + "up_proj"),
-                            p + "down_proj")
+        gated = F.silu(self._linear(x, p + "gate_proj")) * self._linear(x, p + "up_proj")
+        return self._linear(gated, p + "down_proj")
 
     @torch.no_grad()
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
