@@ -23,7 +23,13 @@ from pathlib import Path
 import click
 
 from fdpd.bench.metrics import format_table, summarize
-from fdpd.bench.serve import build_workload, run_benchmark, workload_options, write_json
+from fdpd.bench.serve import (
+    build_workload,
+    request_rows,
+    run_benchmark,
+    workload_options,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -179,13 +185,14 @@ def ratios(pd: dict, co: dict) -> dict:
               show_default=True, help="Run only one of the two clusters (no ratios then).")
 @workload_options
 @click.option("--json", "json_path", default=None, help="Write both results and the ratios.")
+@click.option("--save-requests", is_flag=True, help="Include per-request timings in --json.")
 @click.option("--plot-dir", default=None, help="Write overlaid CDF / ITL-over-time PNGs here.")
 @click.option("--plot-prefix", default="compare_", show_default=True)
 @click.option("--log-dir", default=None, help="Keep every process's log here.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def command(model, hidden, layers, heads, kv_heads, vocab, max_positions, num_prefill,
             num_decode, num_mixed, engine_args, prefill_args, decode_args, mixed_args, order,
-            systems, json_path, plot_dir, plot_prefix, log_dir, progress, **v):
+            systems, json_path, save_requests, plot_dir, plot_prefix, log_dir, progress, **v):
     """PD (P + D) vs. colocated (mixed) clusters under the same `bench serve` load."""
     try:
         build_workload(v)
@@ -239,6 +246,9 @@ def command(model, hidden, layers, heads, kv_heads, vocab, max_positions, num_pr
     for k, r in report.get("ratios", {}).items():
         click.echo(f"{k}: {'-' if r is None else f'{r:.3f}'}")
     if json_path:
+        if save_requests:
+            for k, rs in records.items():
+                report[k] = {**report[k], "requests": request_rows(rs)}
         write_json(json_path, report)
     if plot_dir:
         from fdpd.bench.plots import plot_runs

@@ -12,6 +12,8 @@ from pathlib import Path
 from fdpd.bench.metrics import RequestRecord
 
 _COLORS = ("tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple")
+# Points per run in the ITL scatter (a deterministic stride beyond it keeps PNGs small).
+_MAX_POINTS = 8000
 
 
 def _pyplot():
@@ -23,6 +25,16 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path: Path) -> None:
+    """Save as a 64-colour palette PNG: a few tens of KB instead of a few hundred."""
+    from PIL import Image
+
+    fig.savefig(path)
+    with Image.open(path) as img:
+        small = img.convert("RGB").quantize(colors=64)
+    small.save(path, optimize=True)
 
 
 def _cdf(ax, values_ms: Sequence[float], label: str, color: str) -> None:
@@ -50,6 +62,7 @@ def plot_runs(runs: Mapping[str, Sequence[RequestRecord]], out_dir: str | Path,
             _cdf(ax, [1e3 * v for r in records if r.ok for v in get(r)], label, color)
         ax.set_xlabel(f"{name} (ms)")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("fraction of requests / gaps")
     axes[0].legend(fontsize=8)
@@ -57,7 +70,7 @@ def plot_runs(runs: Mapping[str, Sequence[RequestRecord]], out_dir: str | Path,
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = out / f"{prefix}latency_cdf.png"
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
     paths.append(path)
 
@@ -68,6 +81,12 @@ def plot_runs(runs: Mapping[str, Sequence[RequestRecord]], out_dir: str | Path,
             if r.ok:
                 ts.extend(r.chunk_times[1:])
                 gaps.extend(1e3 * g for g in r.itls)
+        if len(ts) > _MAX_POINTS:
+            # Every outlier stays (they are the point of the plot); the bulk is thinned.
+            stride = -(-len(ts) // _MAX_POINTS)
+            cut = sorted(gaps)[int(0.99 * len(gaps))]
+            keep = [i for i in range(len(ts)) if i % stride == 0 or gaps[i] >= cut]
+            ts, gaps = [ts[i] for i in keep], [gaps[i] for i in keep]
         ax.scatter(ts, gaps, s=2, alpha=0.5, color=color, label=label, linewidths=0)
         longs = [r.start for r in records if r.long_prompt]
         for t in longs:
@@ -84,7 +103,7 @@ def plot_runs(runs: Mapping[str, Sequence[RequestRecord]], out_dir: str | Path,
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     path = out / f"{prefix}itl_over_time.png"
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
     paths.append(path)
     return paths

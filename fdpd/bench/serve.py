@@ -190,13 +190,16 @@ def _long_indices(workload: datasets.Workload) -> set[int]:
     return {i for i, s in enumerate(workload.sessions) if len(s.turns[0].prompt_ids) == long_len}
 
 
+def request_rows(records: list[RequestRecord]) -> list[dict]:
+    """Per-request timings (seconds) for JSON: enough to recompute any SLO offline."""
+    return [{"start": r.start, "ok": r.ok, "error": r.error, "ttft": r.ttft, "e2e": r.e2e,
+             "itls": r.itls, "prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens,
+             "cached_tokens": r.cached_tokens, "long_prompt": r.long_prompt} for r in records]
+
+
 def write_json(path: str, obj: dict, records: list[RequestRecord] | None = None) -> None:
     if records is not None:
-        obj = {**obj, "requests": [{"start": r.start, "ok": r.ok, "error": r.error,
-                                    "ttft": r.ttft, "e2e": r.e2e, "itls": r.itls,
-                                    "prompt_tokens": r.prompt_tokens,
-                                    "output_tokens": r.output_tokens,
-                                    "cached_tokens": r.cached_tokens} for r in records]}
+        obj = {**obj, "requests": request_rows(records)}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(obj, indent=2, default=str))
 

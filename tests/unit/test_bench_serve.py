@@ -336,3 +336,39 @@ def test_cost_model_through_a_pd_cluster(cost_model_dir):
             return next(v for v in views if v["role"] == "decode")["ledger"]["grants_granted"]
 
         cluster.wait_for(lambda: granted() == 25, 5, what="25 grants in the decode's ledger")
+
+
+# ------------------------------------------------------------------------------ compare
+def test_bench_compare_and_slo_table(tmp_path):
+    """Both clusters (1 P + 1 D, 2 mixed) on the cost model, the same load, one JSON with the
+    ratios; slo-table recomputes attainment from the saved per-request timings."""
+    from fdpd.cli import main
+
+    out = tmp_path / "compare.json"
+    args = ["bench", "compare", "--hidden", "16", "--layers", "1", "--heads", "2",
+            "--kv-heads", "1", "--vocab", "1000", "--engine-args",
+            "--cost-model 20,2 --num-kv-blocks 256", "--dataset", "interference",
+            "--num-prompts", "12", "--random-input-len", "16", "--random-output-len", "8",
+            "--long-prompt-len", "200", "--long-output-len", "2", "--long-fraction", "0.25",
+            "--vocab-size", "1000", "--request-rate", "40", "--warmup", "0",
+            "--slo", "ttft:5000,itl:5000", "--json", str(out), "--save-requests",
+            "--no-progress"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    r = json.loads(out.read_text())
+    for system in ("pd", "colocated"):
+        assert r[system]["completed"] == 12 and r[system]["failed"] == 0
+        assert r[system]["cluster"]["quiescent_after_run"]
+        assert len(r[system]["requests"]) == 12
+        assert r[system]["short_requests"]["completed"] == 9
+        assert r[system]["cpu_ms_per_request"]["router"] > 0
+    assert r["pd"]["cluster"]["prefill"] == 1 and r["colocated"]["cluster"]["mixed"] == 2
+    assert set(r["ratios"]) >= {"p99_itl_pd_over_colocated", "goodput_pd_over_colocated"}
+    assert r["ratios"]["goodput_pd_over_colocated"] == pytest.approx(
+        r["pd"]["goodput"] / r["colocated"]["goodput"])
+    table = CliRunner().invoke(main, ["bench", "slo-table", str(out), "--slo",
+                                      "ttft:5000,itl:5000", "--slo", "ttft:0.001"])
+    assert table.exit_code == 0, table.output + repr(table.exception)
+    assert "| 40 | 100.0% (" in table.output
+    assert "PD: highest tested rate with >= 90% attainment: 40" in table.output
+    assert "| 40 | 0.0% (0.000) | 0.0% (0.000) | inf |" in table.output
