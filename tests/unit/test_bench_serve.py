@@ -207,14 +207,19 @@ def _bench(args: list[str]) -> None:
 def test_bench_serve_end_to_end_against_the_router_app(tmp_path):
     from fdpd.router.app import create_app
 
+    import importlib.util
+
     core = ScriptedCore(script=list(range(65, 91)), delay=0.002, num_cached_tokens=4)
     out = tmp_path / "result.json"
+    # Plots need matplotlib (not a dependency of the package): checked when it is there.
+    plots = importlib.util.find_spec("matplotlib") is not None
     with serve(create_app(core)) as url:
         text = _bench(["--base-url", url, "--dataset", "random", "--num-prompts", "12",
                        "--random-input-len", "20", "--random-output-len", "6",
                        "--vocab-size", str(TINY_VOCAB), "--request-rate", "200",
                        "--slo", "ttft:5000,itl:5000", "--warmup", "1", "--json", str(out),
-                       "--save-requests", "--plot-dir", str(tmp_path / "plots")])
+                       "--save-requests",
+                       *(["--plot-dir", str(tmp_path / "plots")] if plots else [])])
     assert "TTFT p99 (ms)" in text
     r = json.loads(out.read_text())
     assert r["completed"] == 12 and r["failed"] == 0 and r["not_sent"] == 0
@@ -225,8 +230,9 @@ def test_bench_serve_end_to_end_against_the_router_app(tmp_path):
     assert r["good_requests"] == 12 and r["goodput"] > 0 and r["request_throughput"] > 0
     assert len(r["requests"]) == 12 and all(len(q["itls"]) == 5 for q in r["requests"])
     assert r["config"]["arrival"].startswith("gamma arrivals, rate 200")
-    assert (tmp_path / "plots" / "latency_cdf.png").stat().st_size > 1000
-    assert (tmp_path / "plots" / "itl_over_time.png").is_file()
+    if plots:
+        assert (tmp_path / "plots" / "latency_cdf.png").stat().st_size > 1000
+        assert (tmp_path / "plots" / "itl_over_time.png").is_file()
     calls = [c for c in core.calls if len(c.prompt_token_ids) == 20]
     assert len(calls) == 12 and all(c.params.ignore_eos for c in calls)
 
@@ -372,3 +378,18 @@ def test_bench_compare_and_slo_table(tmp_path):
     assert "| 40 | 100.0% (" in table.output
     assert "PD: highest tested rate with >= 90% attainment: 40" in table.output
     assert "| 40 | 0.0% (0.000) | 0.0% (0.000) | inf |" in table.output
+
+
+def test_prefix_affinity_matches_the_deepest_block_an_instance_computed():
+    """The routing fix the Mooncake replay found: a prefix block every prompt shares, last
+    recorded for another instance, must not hide the deeper blocks of a conversation."""
+    from fdpd.router.policy import PrefixAffinity
+
+    aff = PrefixAffinity(block_size=2)
+    conversation = aff.hashes([1, 2, 3, 4, 5, 6, 7])
+    aff.record(conversation, "p1")
+    aff.record(aff.hashes([1, 2, 9, 9]), "p2")             # shares the first block only
+    assert aff.matched_tokens(conversation, "p1") == 6
+    assert aff.matched_tokens(conversation, "p2") == 2
+    assert aff.matched_tokens(aff.hashes([1, 2, 3, 4, 8, 8]), "p1") == 4
+    assert aff.matched_tokens(aff.hashes([5, 5, 3, 4]), "p1") == 0
