@@ -6,13 +6,8 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import statistics
 import sys
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,6 +16,7 @@ from click.testing import CliRunner
 from fdpd.bench import datasets
 from fdpd.bench.metrics import SLO, RequestRecord, percentile, summarize
 from fdpd.config import ConfigError, EngineConfig
+from fdpd.testing.asgi import serve_app
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # see test_model.py
 from tests.unit.router_fakes import ScriptedCore
@@ -174,26 +170,7 @@ def test_slo_parse_errors():
 
 
 # ------------------------------------------------------------------------------ end to end
-@contextmanager
-def serve(app) -> Iterator[str]:
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+serve = serve_app
 
 
 def _bench(args: list[str]) -> None:

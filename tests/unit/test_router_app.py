@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ from fastapi.testclient import TestClient
 from fdpd.router.app import create_app
 from fdpd.router.core import RouterError
 from fdpd.sampling_params import SamplingParams
+from fdpd.testing.asgi import serve_app
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # see test_model.py
 from tests.unit.router_fakes import EngineCore, MarkupByteTokenizer, ScriptedCore
@@ -482,26 +480,7 @@ def test_client_disconnect_aborts(core, stream, hang_after):
 
 
 # ------------------------------------------------------------------------------ real engine + SDK
-@contextmanager
-def serve(app) -> Iterator[str]:
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+serve = serve_app
 
 
 @pytest.fixture(scope="module")
