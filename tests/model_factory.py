@@ -25,9 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from fdpd.model.config import ModelConfig
-from fdpd.model.synthetic import ARCHITECTURES, write_checkpoint
-
-BOS, EOS = 1, 2
+from fdpd.model.synthetic import ARCHITECTURES, synthetic_config, write_checkpoint
 # Sentences the test BPE tokenizer is trained on: ASCII, accents, CJK and emoji, so that some
 # characters span several byte-level tokens.
 BPE_CORPUS = (
@@ -53,13 +51,9 @@ def base_config(arch: str, dtype: str = "float32", tie: bool = False,
         raise ValueError(f"{unknown[0]}: not a ModelConfig field")
     if isinstance(overrides.get("rope_scaling"), dict):
         overrides["rope_scaling"] = tuple(sorted(overrides["rope_scaling"].items()))
-    cfg = ModelConfig(
-        architecture=ARCHITECTURES[arch], vocab_size=512, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=512,
-        tie_word_embeddings=tie, attention_bias=arch == "qwen2", torch_dtype=dtype,
-        bos_token_id=BOS, eos_token_ids=(EOS,), name=f"test-{arch}")
-    return dataclasses.replace(cfg, **overrides)
+    return synthetic_config(arch, hidden=64, layers=2, vocab=512, heads=4, kv_heads=2,
+                            intermediate=128, max_positions=512, dtype=dtype, tie=tie,
+                            **{"name": f"test-{arch}", **overrides})
 
 
 def make_checkpoint(tmp_dir: str | Path, arch: str, dtype: str = "float32", shards: int = 1,
@@ -75,8 +69,6 @@ def make_checkpoint(tmp_dir: str | Path, arch: str, dtype: str = "float32", shar
     ``overrides`` are ``ModelConfig`` fields, see ``base_config``. The directory name encodes
     the arguments, so several checkpoints can share one ``tmp_dir``.
     """
-    if shards < 1:
-        raise ValueError(f"shards: must be >= 1, got {shards}")
     cfg = base_config(arch, dtype=dtype, tie=tie, **overrides)
     label = hashlib.sha256(repr(sorted(overrides.items())).encode()).hexdigest()[:8]
     name = f"{arch}-{dtype}-s{shards}-t{int(tie)}-seed{seed}-tok{int(tokenizer)}-{label}"
