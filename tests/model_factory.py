@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from fdpd.model.config import ModelConfig
+from fdpd.model.loader import iter_safetensors
 from fdpd.model.synthetic import ARCHITECTURES, synthetic_config, write_checkpoint
 # Sentences the test BPE tokenizer is trained on: ASCII, accents, CJK and emoji, so that some
 # characters span several byte-level tokens.
@@ -83,10 +83,7 @@ def make_checkpoint(tmp_dir: str | Path, arch: str, dtype: str = "float32", shar
 
 def checkpoint_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint directory written by ``make_checkpoint`` (any sharding)."""
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(Path(path).glob("*.safetensors")):
-        state.update(load_file(str(file)))
-    return state
+    return dict(iter_safetensors(Path(path)))
 
 
 def make_bpe_tokenizer(vocab_size: int = 400):
