@@ -5,6 +5,7 @@ differ only in their handlers and in what happens after a step (DESIGN 2)."""
 from __future__ import annotations
 
 import logging
+from collections import deque
 import threading
 import time
 from collections.abc import Callable
@@ -72,7 +73,7 @@ class InstanceService:
             Abort: self.on_abort,
         }
         self._next_heartbeat = 0.0
-        self.store_latencies: tuple[list[float], list[float]] = ([], [])
+        self.store_latencies = (LatencyWindow(), LatencyWindow())     # write, restore
         self.streams: dict[str, Stream] = {}
         self.metrics = InstanceMetrics()
         self.last_load: dict = {}               # swapped (never mutated) once per heartbeat
@@ -257,8 +258,8 @@ class InstanceService:
             return None
         s = offload.stats
         writes, restores = s.take_latencies()
-        self.store_latencies[0].extend(writes)
-        self.store_latencies[1].extend(restores)
+        self.store_latencies[0].add(writes)
+        self.store_latencies[1].add(restores)
         for seconds in writes:
             self.metrics.store_write.observe(seconds)
         for seconds in restores:
@@ -270,8 +271,8 @@ class InstanceService:
                 "lookup_miss_blocks": s.lookup_blocks - s.lookup_hit_blocks,
                 "errors": s.store_errors,
                 "corrupt_objects": s.corrupt_objects, "dropped_writes": s.dropped_writes,
-                "write_seconds": _summary(self.store_latencies[0]),
-                "restore_seconds": _summary(self.store_latencies[1])}
+                "write_seconds": self.store_latencies[0].summary(),
+                "restore_seconds": self.store_latencies[1].summary()}
 
     def load(self) -> dict:
         bm, sched = self.engine.block_manager, self.engine.scheduler
@@ -300,12 +301,23 @@ class InstanceService:
         }
 
 
-def _summary(values: list[float]) -> dict:
-    """Count, sum and a few quantiles of latencies seen so far (bounded memory)."""
-    if len(values) > 4096:
-        del values[:-4096]
-    if not values:
-        return {"count": 0, "sum": 0.0}
-    ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"count": len(values), "sum": sum(values), "p50": pick(0.5), "p99": pick(0.99)}
+class LatencyWindow:
+    """All-time count and sum (monotonic, as a Prometheus summary needs) plus quantiles over
+    the most recent ``size`` observations (bounded memory)."""
+
+    def __init__(self, size: int = 4096):
+        self.count = 0
+        self.total = 0.0
+        self.recent: deque[float] = deque(maxlen=size)
+
+    def add(self, values: list[float]) -> None:
+        self.count += len(values)
+        self.total += sum(values)
+        self.recent.extend(values)
+
+    def summary(self) -> dict:
+        if not self.recent:
+            return {"count": self.count, "sum": self.total}
+        ordered = sorted(self.recent)
+        pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+        return {"count": self.count, "sum": self.total, "p50": pick(0.5), "p99": pick(0.99)}
