@@ -110,7 +110,10 @@ def cluster(tmp_path_factory):
                  # Small prefill steps: grants stay pending while it works through them.
                  prefill_args=["--kv-store", dead_redis, "--kv-store-timeout", "0.5",
                                "--max-num-batched-tokens", "16"],
-                 decode_args=["--num-kv-blocks", "24", "--reserve-tokens", "8"],
+                 # No local prefix cache on decode: a preempted request comes back from the
+                 # store (restore phase), not from blocks that happen to be still cached.
+                 decode_args=["--num-kv-blocks", "24", "--reserve-tokens", "8",
+                              "--no-enable-prefix-caching"],
                  instance_args={f"decode-{i}": ["--kv-store", f"disk:{tmp / f'store{i}'}"]
                                 for i in range(2)}) as c:
         yield c
