@@ -12,6 +12,9 @@ from typing import Any
 
 # Names only: this module is imported by torch-free processes (the router).
 DTYPES = ("float32", "bfloat16", "float16")
+# Shorter cluster secrets are refused: a short (password-like) secret can be guessed offline
+# from a single captured message and its MAC.
+MIN_CLUSTER_SECRET_BYTES = 16
 
 
 class ConfigError(ValueError):
@@ -125,15 +128,85 @@ class PDConfig:
                                    "reject, and a decode queues a request it cannot grant yet.")
     request_timeout: float = _opt(600.0, "Seconds a request may take end to end.")
     heartbeat_interval: float = _opt(0.5, "Seconds between instance heartbeats to the router.")
+    # Peer authentication (fdpd.pd.auth). The secret itself is no flag (a command line shows in
+    # `ps`) and never printed: repr=False, and --help shows no default for it.
+    cluster_secret: str | None = field(default=None, repr=False, metadata={
+        "help": "Cluster secret (at least 16 bytes, the same on every process of a cluster): "
+                "every message between fdpd processes carries an HMAC made with it, and "
+                "messages without a valid one are dropped. Set it in the environment (not on "
+                "the command line, where `ps` shows it) or use --cluster-secret-file. Unset: "
+                "messages are not authenticated (keep such a cluster on loopback).",
+        "secret": True})
+    cluster_secret_file: str | None = _opt(None, "File holding the cluster secret (trailing "
+                                           "newlines ignored), instead of FDPD_CLUSTER_SECRET.")
+    drain_timeout: float = _opt(30.0, "Seconds a SIGTERMed instance spends draining (no new "
+                                "work; decode/mixed move running requests to other instances "
+                                "through the KV store, prefill finishes its queue) before it "
+                                "stops anyway. A second SIGTERM stops at once.")
+    # Overload bounds. 1024 held requests stay well above what the instances behind one
+    # router can run (16 engines x the default 64 seqs), so in normal operation the engines'
+    # own bounds act first, while the router's memory stays bounded (a held request costs
+    # its body, prompt ids and token queue: tens of KiB for typical prompts).
+    max_inflight_requests: int = _opt(1024, "Router: most generation requests it holds at "
+                                      "once (arrival to the response's end, streaming "
+                                      "included); past it a request gets 429 with Retry-After "
+                                      "before its body is read.")
+    max_request_body_bytes: int | None = _opt(None, "Router: largest HTTP request body; a "
+                                              "larger one gets 413 without being read "
+                                              "(default: 16 bytes per token of --max-model-len,"
+                                              " at least 1 MiB).")
+    max_queued_requests: int = _opt(256, "Prefill/mixed: most requests waiting in the "
+                                    "scheduler; decode: most grant requests queued for room. "
+                                    "Past it a new request is refused (the router retries it "
+                                    "elsewhere or answers 503 with Retry-After).")
 
     def __post_init__(self) -> None:
         if not isinstance(self.reserve_tokens, int) or self.reserve_tokens < 0:
             raise ConfigError("reserve_tokens", f"must be an integer >= 0, got "
                               f"{self.reserve_tokens!r}")
-        for name in ("grant_ttl", "transfer_timeout", "request_timeout", "heartbeat_interval"):
+        for name in ("grant_ttl", "transfer_timeout", "request_timeout", "heartbeat_interval",
+                     "drain_timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(name, f"must be a positive number of seconds, got {value!r}")
+        for name in ("max_inflight_requests", "max_request_body_bytes", "max_queued_requests"):
+            value = getattr(self, name)
+            if value is None and name == "max_request_body_bytes":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(name, f"must be a positive integer, got {value!r}")
+        # Not a field: derived (the file read once), and kept out of repr and comparisons.
+        object.__setattr__(self, "_cluster_key", self._read_cluster_key())
+
+    @property
+    def cluster_key(self) -> bytes | None:
+        """The cluster secret's bytes (from ``cluster_secret`` or the file), None if unset."""
+        return self._cluster_key
+
+    def _read_cluster_key(self) -> bytes | None:
+        # Messages name the field and the rule, never the secret (nor its length).
+        key = self.cluster_secret
+        if key is not None and not isinstance(key, (str, bytes)):
+            raise ConfigError("cluster_secret", "must be a string")
+        if self.cluster_secret_file is not None:
+            if key is not None:
+                raise ConfigError("cluster_secret_file", "the cluster secret is given twice: "
+                                  "set FDPD_CLUSTER_SECRET or --cluster-secret-file, not both")
+            try:
+                with open(self.cluster_secret_file, "rb") as f:
+                    key = f.read().rstrip(b"\r\n")
+            except OSError as e:
+                raise ConfigError("cluster_secret_file", f"cannot read "
+                                  f"{self.cluster_secret_file}: {e.strerror}") from None
+        if key is None:
+            return None
+        key = key.encode() if isinstance(key, str) else key
+        if len(key) < MIN_CLUSTER_SECRET_BYTES:
+            name = "cluster_secret_file" if self.cluster_secret_file else "cluster_secret"
+            raise ConfigError(name, f"a cluster secret needs at least "
+                              f"{MIN_CLUSTER_SECRET_BYTES} bytes (make one with "
+                              f"`openssl rand -hex 32`)")
+        return key
 
 
 ROLES = ("router", "prefill", "decode", "mixed")
@@ -152,6 +225,9 @@ class InstanceConfig:
     advertise_host: str | None = _opt(None, "Host name or address peers use to reach this "
                                       "process (default: --host; when --host is a wildcard "
                                       "such as 0.0.0.0: this machine's host name).")
+    advertise_address: str | None = _opt(None, "Engine instances: tcp://HOST:PORT peers dial "
+                                         "instead of the bound address, e.g. a proxy in front "
+                                         "of this instance (overrides --advertise-host).")
     metrics_port: int = _opt(0, "Engine instances: port of the instance's own Prometheus "
                              "/metrics and /health endpoint on --host; 0 = any free port "
                              "(printed in the ready line and shown in /v1/cluster), "
@@ -167,9 +243,19 @@ class InstanceConfig:
         if not isinstance(self.metrics_port, int) or not -1 <= self.metrics_port < 65536:
             raise ConfigError("metrics_port", f"must be -1 (off), 0 (any) or a port, got "
                               f"{self.metrics_port!r}")
+        if self.advertise_address is not None:
+            _, sep, port = self.advertise_address.rpartition(":")
+            if (not self.advertise_address.startswith("tcp://") or not sep
+                    or len(self.advertise_address) <= len("tcp://") + len(port) + 1
+                    or not port.isdigit() or not 0 < int(port) < 65536):
+                raise ConfigError("advertise_address", f"expected tcp://HOST:PORT, got "
+                                  f"{self.advertise_address!r}")
 
     def advertised(self, address: str) -> str:
-        """``tcp://HOST:PORT`` as peers must dial it: the bound port on the advertised host."""
+        """``tcp://HOST:PORT`` as peers must dial it: ``advertise_address`` if set, else the
+        bound port on the advertised host."""
+        if self.advertise_address is not None:
+            return self.advertise_address
         return advertised_address(address, self.advertise_host)
 
 

@@ -1,7 +1,9 @@
 """Process entry points: one engine instance, the router, and a whole local cluster (``up``).
 
-Every process ends cleanly on SIGTERM/SIGINT: instances stop their loop and close sockets; the
-router stops uvicorn; ``up`` terminates its children by pid, waits, then kills what is left.
+Every process ends cleanly on SIGTERM/SIGINT. An engine instance drains on SIGTERM (no new
+work; running requests move to other instances, see ``InstanceService.start_drain``; at most
+``--drain-timeout`` seconds) and stops at once on SIGINT or a second SIGTERM; the router stops
+uvicorn; ``up`` terminates its children by pid, waits, then kills what is left.
 """
 
 from __future__ import annotations
@@ -33,8 +35,36 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+def _drain_on_sigterm() -> tuple[threading.Event, threading.Event]:
+    """Engine instances: the first SIGTERM starts a graceful drain (``drain``); a second
+    SIGTERM, or SIGINT, stops at once (``stop``)."""
+    stop, drain = threading.Event(), threading.Event()
+
+    def handler(signum, frame):
+        if signum == signal.SIGTERM and not drain.is_set():
+            log.info("SIGTERM: draining (send it again to stop at once)")
+            drain.set()
+        else:
+            log.info("signal %d: shutting down", signum)
+            stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop, drain
+
+
+def _arm_fault_points() -> None:
+    """Parse FDPD_FAULT_POINTS (chaos tests, ``fdpd.faults``) before anything runs: a bad
+    value stops the start with its message, not a traceback from a later import."""
+    try:
+        import fdpd.faults  # noqa: F401
+    except ValueError as e:
+        raise SystemExit(f"fdpd: {e}") from None
+
+
 def run_instance(engine_config: EngineConfig, pd: PDConfig, inst: InstanceConfig,
                  torch_threads: int = 1, log_tag=None) -> None:
+    _arm_fault_points()
     import torch
 
     from fdpd.engine.engine import Engine
@@ -44,7 +74,7 @@ def run_instance(engine_config: EngineConfig, pd: PDConfig, inst: InstanceConfig
 
     torch.set_num_threads(torch_threads)
     services = {"prefill": PrefillService, "decode": DecodeService, "mixed": MixedService}
-    stop = _stop_on_signals()
+    stop, drain = _drain_on_sigterm()
     engine = Engine(engine_config)
     service = services[inst.role](engine, pd, inst)
     if log_tag is not None:
@@ -53,7 +83,7 @@ def run_instance(engine_config: EngineConfig, pd: PDConfig, inst: InstanceConfig
     metrics = f" metrics={service.metrics_url}" if service.metrics_url else ""
     print(f"fdpd {inst.role} ready instance={service.instance_id} address={service.address}"
           f"{metrics}", flush=True)
-    service.serve(stop)
+    service.serve(stop, drain)
 
 
 @dataclass(frozen=True)

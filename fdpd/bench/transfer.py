@@ -7,7 +7,9 @@ frames); the receiver's IO thread hands them to its loop, which copies each fram
 cache at other random block ids with ``receive_kv_blocks`` and acknowledges the end. The
 baseline moves the same number of bytes, in the same frame sizes, from a preallocated buffer over
 a raw PUSH/PULL pair whose receiver only receives. Trials alternate between the two so that
-machine noise hits both alike.
+machine noise hits both alike. With ``--cluster-secret-file`` both transports authenticate every
+message (``fdpd.pd.auth``: a MAC over each KV frame on send, checked on receipt), as a cluster
+with a secret does; without it they do not (the default, as before).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class Setup:
     frame_bytes: int
 
 
-def _receiver(setup: Setup, conn) -> None:
+def _receiver(setup: Setup, conn, secret: bytes | None) -> None:
     import torch
     import zmq
 
@@ -55,7 +57,7 @@ def _receiver(setup: Setup, conn) -> None:
     torch.set_num_threads(1)
     cfg = bench_model_config(setup.hidden, setup.layers, setup.kv_heads)
     cache = torch.zeros(cache_shape(cfg, setup.num_blocks, setup.block_size))
-    transport = Transport("bench-decode", 1)
+    transport = Transport("bench-decode", 1, secret=secret)
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     pull.setsockopt(zmq.RCVHWM, 0)
@@ -93,7 +95,8 @@ def _receiver(setup: Setup, conn) -> None:
     ctx.term()
 
 
-def run(setup: Setup, sizes: list[int], repeats: int) -> list[dict]:
+def run(setup: Setup, sizes: list[int], repeats: int,
+        secret: bytes | None = None) -> list[dict]:
     import torch
     import zmq
 
@@ -108,10 +111,10 @@ def run(setup: Setup, sizes: list[int], repeats: int) -> list[dict]:
     block_bytes = cache[:, :, 0].numel() * cache.element_size()
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_receiver, args=(setup, child), daemon=True)
+    proc = ctx.Process(target=_receiver, args=(setup, child, secret), daemon=True)
     proc.start()
     decode_addr, raw_addr = parent.recv()
-    transport = Transport("bench-prefill", 1)
+    transport = Transport("bench-prefill", 1, secret=secret)
     zctx = zmq.Context()
     push = zctx.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, 0)
@@ -181,19 +184,30 @@ def run(setup: Setup, sizes: list[int], repeats: int) -> list[dict]:
               help="Request sizes in tokens.")
 @click.option("--repeats", default=5, show_default=True)
 @click.option("--frame-mib", default=8, show_default=True, help="Largest KV frame.")
+@click.option("--cluster-secret-file", default=None, type=click.Path(dir_okay=False),
+              help="Authenticate the fdpd path's messages with the cluster secret in this "
+              "file, as a cluster with a secret does (default: no authentication).")
 @click.option("--json", "as_json", is_flag=True)
 def command(hidden, layers, kv_heads, block_size, num_blocks, sizes, repeats, frame_mib,
-            as_json):
+            cluster_secret_file, as_json):
     """KV transfer prefill->decode process (fdpd path) vs. raw ZMQ PUSH/PULL, same bytes."""
+    from fdpd.config import ConfigError, PDConfig
+
+    try:
+        secret = PDConfig(cluster_secret_file=cluster_secret_file).cluster_key
+    except ConfigError as e:
+        raise click.BadParameter(str(e), param_hint="--cluster-secret-file") from None
     setup = Setup(hidden, layers, kv_heads, block_size, num_blocks, frame_mib * 2**20)
-    results = run(setup, [int(s) for s in sizes.split(",")], repeats)
+    results = run(setup, [int(s) for s in sizes.split(",")], repeats, secret)
     if as_json:
-        click.echo(json.dumps({"setup": setup.__dict__, "results": results}, indent=2))
+        click.echo(json.dumps({"setup": setup.__dict__, "authenticated": secret is not None,
+                               "results": results}, indent=2))
         return
     cfg = bench_model_config(hidden, layers, kv_heads)
     click.echo(f"KV per token: {cfg.num_hidden_layers * 2 * cfg.kv_size * 4 / 1024:.0f} KiB "
                f"(hidden {hidden}, {layers} layers, {kv_heads} KV heads x {cfg.head_dim}, "
-               f"float32); block size {block_size}; {repeats} timed runs each")
+               f"float32); block size {block_size}; {repeats} timed runs each; messages "
+               f"{'authenticated (HMAC-SHA256)' if secret else 'not authenticated'}")
     click.echo(f"{'tokens':>7} {'MiB':>8} {'frames':>6} {'fdpd GB/s':>10} {'raw GB/s':>9} "
                f"{'ratio':>6}")
     for r in results:

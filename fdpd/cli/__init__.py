@@ -145,10 +145,14 @@ def launch(control_port, api_key, torch_threads, log_level, log_format, config_f
               show_envvar=True, help="'tiny' or a local Hugging Face directory.")
 @click.option("--log-dir", default=None, envvar="FDPD_LOG_DIR", show_envvar=True,
               help="Write each process's log to this directory.")
+@click.option("--cluster-secret-file", default=None, envvar="FDPD_CLUSTER_SECRET_FILE",
+              show_envvar=True, help="File holding the cluster secret every process "
+              "authenticates its messages with (or set FDPD_CLUSTER_SECRET; both are passed "
+              "on to every process).")
 @log_options
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
-def up(num_prefill, num_decode, num_mixed, port, host, model, log_dir, log_level, log_format,
-       config_file, extra):
+def up(num_prefill, num_decode, num_mixed, port, host, model, log_dir, cluster_secret_file,
+       log_level, log_format, config_file, extra):
     """Start a local cluster (router + prefill + decode [+ mixed]) and serve until Ctrl-C.
 
     Instances are named prefill-0, decode-0, ...; every log line starts with that name.
@@ -161,10 +165,17 @@ def up(num_prefill, num_decode, num_mixed, port, host, model, log_dir, log_level
 
     if num_mixed == 0 and (num_prefill < 1 or num_decode < 1):
         raise click.BadParameter("need at least one prefill and one decode, or --num-mixed")
+    try:        # a bad secret fails here once, not in every child
+        PDConfig(cluster_secret=os.environ.get("FDPD_CLUSTER_SECRET") or None,
+                 cluster_secret_file=cluster_secret_file)
+    except ConfigError as e:
+        raise click.BadParameter(str(e), param_hint="--" + e.field.replace("_", "-")) from None
     _, level, fmt = _logging(log_level, log_format, "up")
     common = ["--model", model, "--log-level", level, "--log-format", fmt]
     if config_file:
         common = ["--config", os.path.abspath(config_file), *common]
+    if cluster_secret_file:     # the environment (FDPD_CLUSTER_SECRET) is inherited
+        common += ["--cluster-secret-file", os.path.abspath(cluster_secret_file)]
     code = launcher.run_cluster(num_prefill=num_prefill, num_decode=num_decode,
                                 num_mixed=num_mixed, port=port, host=host,
                                 common=[*common, *extra], log_dir=log_dir)

@@ -31,7 +31,12 @@ def config_options(schema: type, skip: tuple[str, ...] = ()) -> Callable:
             flag = "--" + f.name.replace("_", "-")
             envvar = "FDPD_" + f.name.upper()
             help_text = f.metadata.get("help", "")
-            if f.type == "bool":
+            if f.metadata.get("secret"):
+                # From the environment only, and its value is never shown as a default.
+                opt = click.option(flag, type=_TYPES[f.type], default=None, envvar=envvar,
+                                   show_default=False, show_envvar=True, help=help_text,
+                                   callback=_environment_only)
+            elif f.type == "bool":
                 opt = click.option(f"{flag}/--no-{flag[2:]}", default=f.default,
                                    envvar=envvar, show_default=True, show_envvar=True,
                                    help=help_text)
@@ -43,6 +48,20 @@ def config_options(schema: type, skip: tuple[str, ...] = ()) -> Callable:
         return fn
 
     return decorate
+
+
+def _environment_only(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """A secret's option: refused on the command line (any user sees it in ``ps``) and in a
+    ``--config`` file (it belongs in a file of its own, or the environment)."""
+    source = ctx.get_parameter_source(param.name)
+    if source in (ParameterSource.COMMANDLINE, ParameterSource.DEFAULT_MAP):
+        where = "on the command line" if source is ParameterSource.COMMANDLINE else \
+            "in a --config file"
+        files = [p.opts[0] for p in ctx.command.params if p.name == f"{param.name}_file"]
+        raise click.BadParameter(f"a secret is not accepted {where}: set the environment "
+                                 f"variable {param.envvar}" + "".join(
+                                     f" or name a file holding it with {f}" for f in files))
+    return value
 
 
 def pick(schema: type, values: dict[str, Any]) -> dict[str, Any]:

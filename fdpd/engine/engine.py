@@ -138,9 +138,14 @@ class Engine:
     # ---------------------------------------------------------------- requests in and out
     def make_request(self, request_id: str, prompt_token_ids: Sequence[int],
                      params: SamplingParams, priority: int = 0, *, seed: int | None = None,
-                     max_tokens: int | None = None) -> Request:
+                     max_tokens: int | None = None, num_output_tokens: int = 0) -> Request:
         """Validate and build a request without admitting it. ``seed``/``max_tokens`` override
-        the values derived from ``params`` (the router fixes them for P and D alike)."""
+        the values derived from ``params`` (the router fixes them for P and D alike).
+
+        A resumed request (moved off a draining instance) comes with ``num_output_tokens``: the
+        last that many of ``prompt_token_ids`` are tokens it already generated. They become
+        its outputs again (so sampling, penalties and stop rules see what they saw before),
+        and ``max_tokens`` then counts only the tokens still to generate."""
         if not isinstance(params, SamplingParams):
             raise RequestError("sampling_params", f"expected SamplingParams, got "
                                f"{type(params).__name__}")
@@ -154,10 +159,15 @@ class Engine:
             raise RequestError("prompt", f"token id {bad!r} is outside the vocabulary "
                                f"[0, {vocab})")
         n, limit = len(ids), self.max_model_len
+        resumed = num_output_tokens
+        if (not isinstance(resumed, int) or isinstance(resumed, bool)
+                or not 0 <= resumed < n or (resumed and max_tokens is None)):
+            raise RequestError("num_output_tokens", f"must be an integer in [0, {n}) with "
+                               f"max_tokens given, got {num_output_tokens!r}")
         if n >= limit:
             raise RequestError("prompt", f"the prompt has {n} tokens; max_model_len is {limit} "
                                "and at least one token must be generated")
-        if params.max_tokens is not None and n + params.max_tokens > limit:
+        if params.max_tokens is not None and n - resumed + params.max_tokens > limit:
             raise RequestError("max_tokens", f"prompt ({n} tokens) + max_tokens "
                                f"({params.max_tokens}) exceeds max_model_len ({limit})")
         if max_tokens is None:
@@ -171,8 +181,12 @@ class Engine:
                                f"the pool has {self.block_manager.num_blocks}")
         if seed is None:
             seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
-        return Request(request_id, tuple(ids), params, max_tokens=max_tokens, seed=seed,
-                       eos_token_ids=self.eos_token_ids, priority=priority)
+        req = Request(request_id, tuple(ids[:n - resumed]), params,
+                      max_tokens=max_tokens + resumed, seed=seed,
+                      eos_token_ids=self.eos_token_ids, priority=priority)
+        for token in ids[n - resumed:]:
+            req.append_output(token)
+        return req
 
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
                     params: SamplingParams, priority: int = 0) -> Request:

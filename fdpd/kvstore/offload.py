@@ -29,6 +29,7 @@ import torch
 
 from fdpd.engine.block_manager import BlockManager
 from fdpd.engine.request import Request
+from fdpd.faults import fault_point
 from fdpd.kvstore.base import KVStore, StoreUnavailable
 from fdpd.kvstore.codec import KVObjectError, decode_block, encode_block
 
@@ -156,6 +157,7 @@ class KVOffload:
             skip = 0
         written = failed = 0
         for b, key in zip(block_ids[skip:], keys[skip:]):
+            fault_point("kvstore.write")
             try:
                 blob = encode_block(self.fingerprint, self.kv_cache[:, :, b], key=key)
                 self.store.put(key, blob)
@@ -185,6 +187,7 @@ class KVOffload:
 
     def _do_load(self, req_id: str, block_ids: Sequence[int], keys: Sequence[bytes]):
         t0 = time.monotonic()
+        fault_point("kvstore.restore")
         try:
             blobs = self.store.get_many(keys)
         except StoreUnavailable:

@@ -2,18 +2,22 @@
 
 AllocRequest -> the ledger grants blocks (or queues the request, then rejects it past its
 deadline). KVBlocks frames are copied once into the granted blocks, which no request points at
-yet (LOADING). PrefillDone commits: only if every expected block arrived does the grant become a
-running request; otherwise the grant is released and the router is told, so no partial KV is
-ever decoded from. Leases expire on their own.
+yet (LOADING). PrefillDone commits: only once every expected block arrived does the grant become
+a running request (a PrefillDone that overtook some of its KV waits for it, within the lease);
+if the sender's count disagrees, the grant is released and the router is told, so no partial KV
+is ever decoded from. Leases expire on their own. A duplicated message (AllocRequest,
+PrefillDone, KV) never acts twice.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from fdpd.engine.block_manager import compute_block_hashes
 from fdpd.engine.engine import RequestError, StepOutput
+from fdpd.faults import fault_point
 from fdpd.pd import kv_transfer
 from fdpd.pd.ledger import GrantRecord, ReservationLedger
 from fdpd.pd.protocol import (
@@ -27,7 +31,7 @@ from fdpd.pd.protocol import (
     Tokens,
     TransferResult,
 )
-from fdpd.pd.service import InstanceService, Stream
+from fdpd.pd.service import InstanceService, RecentIds, Stream
 from fdpd.pd.transport import Inbound
 
 log = logging.getLogger(__name__)
@@ -39,17 +43,29 @@ class DecodeService(InstanceService):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.ledger = ReservationLedger(self.engine.scheduler, horizon=self.pd.reserve_tokens,
-                                        grant_ttl=self.pd.grant_ttl)
+                                        grant_ttl=self.pd.grant_ttl,
+                                        max_pending_allocs=self.pd.max_queued_requests)
         self.handlers.update({AllocRequest: self.on_alloc, KVBlocks: self.on_kv,
                               PrefillDone: self.on_prefill_done})
         self.peers: dict[str, str] = {}            # prefill instance id -> its inbox
+        # Duplicates (a message delivered twice, maybe late) must not act twice: every
+        # AllocRequest taken (a second grant would leak, its Abort would end the request) and
+        # every transfer completed.
+        self.allocs, self.transfers_done = RecentIds(), RecentIds()
         self.counters.update({"kv_bytes_received": 0, "kv_blocks_received": 0,
-                              "kv_dropped": 0, "transfer_failures": 0, "alloc_refused": 0})
+                              "kv_dropped": 0, "transfer_failures": 0, "alloc_refused": 0,
+                              "duplicates": 0})
 
     # ------------------------------------------------------------------ admission
     def on_alloc(self, inbound: Inbound) -> None:
         msg: AllocRequest = inbound.msg
         self.peers[inbound.envelope.src] = msg.reply_to
+        if not self.allocs.add(msg.req_id):
+            self.counters["duplicates"] += 1        # its first copy got the one reply
+            return
+        if self.draining:
+            self.reject(msg.reply_to, msg.req_id, "decode is draining")
+            return
         try:
             # Validate the request as this engine will run it, before promising anything.
             self.build_request(msg)
@@ -96,26 +112,55 @@ class DecodeService(InstanceService):
         if blocks is None:
             self.counters["kv_dropped"] += 1       # stale/unknown grant: never written
             return
+        g = self.ledger.grants[msg.grant_id]
         try:
             nbytes = kv_transfer.receive_kv_blocks(self.engine.runner.kv_cache, msg,
                                                    inbound.frames, blocks)
         except kv_transfer.KVFrameError as e:
-            self._fail_transfer(self.ledger.grants[msg.grant_id], str(e))
+            self._fail_transfer(g, str(e))
             return
         self.counters["kv_bytes_received"] += nbytes
         self.counters["kv_blocks_received"] += len(blocks)
+        if g.early_done is not None and g.kv_complete:
+            self._complete_transfer(g, *g.early_done)
 
     def on_prefill_done(self, inbound: Inbound) -> None:
         msg: PrefillDone = inbound.msg
         arrived = inbound.received_at or time.monotonic()
         g = self.ledger.grants.get(msg.grant_id)
         if g is None or g.req_id != msg.req_id:
+            if f"{msg.grant_id}/{msg.req_id}" in self.transfers_done:
+                self.counters["duplicates"] += 1    # answered already
+                return
             self.counters["kv_dropped"] += 1
             address = self.peers.get(inbound.envelope.src)
             if address:
                 self.send(address, TransferResult(msg.grant_id, msg.req_id, False,
                                                   "unknown or expired grant"))
             return
+        if g.early_done is not None:
+            self.counters["duplicates"] += 1
+            return
+        if not msg.finished and msg.num_kv_blocks == g.num_expected and not g.kv_complete:
+            # Some KV is still on its way (reordered behind PrefillDone): commit when the last
+            # block is in; the lease bounds the wait.
+            g.early_done = (msg, arrived)
+            return
+        self._complete_transfer(g, msg, arrived)
+
+    def _complete_transfer(self, g: GrantRecord, msg: PrefillDone, arrived: float) -> None:
+        """PrefillDone for live grant ``g``, with all its KV in (or the transfer fails): start
+        decoding, or end a request the first token finished."""
+        self.transfers_done.add(f"{g.grant_id}/{g.req_id}")
+        vocab = self.engine.model_config.vocab_size
+        if not 0 <= msg.first_token < vocab or not 0 <= msg.num_cached_tokens <= g.prompt_len:
+            # Checked here, not by the engine: a token outside the vocabulary would fail a later
+            # step (the embedding lookup) for every running request, and kill the loop.
+            self._fail_transfer(g, f"PrefillDone out of range: first_token {msg.first_token} "
+                                f"(vocabulary [0, {vocab})), num_cached_tokens "
+                                f"{msg.num_cached_tokens} (prompt {g.prompt_len})")
+            return
+        fault_point("decode.kv_received")
         router = g.msg.router_reply_to
         upstream = msg.timeline if isinstance(msg.timeline, dict) else {}
         kv_transfer = self._transfer_seconds(g, upstream, arrived)
@@ -126,7 +171,8 @@ class DecodeService(InstanceService):
             self.send(router, Tokens(msg.req_id, [msg.first_token],
                                      None if msg.first_logprob is None else [msg.first_logprob],
                                      True, msg.finish_reason, msg.stop_reason,
-                                     g.prompt_len, msg.num_cached_tokens, timeline))
+                                     g.prompt_len - g.msg.num_output_tokens,
+                                     msg.num_cached_tokens, timeline))
             self.send(g.reply_to, TransferResult(g.grant_id, g.req_id, True))
             return
         try:
@@ -156,7 +202,7 @@ class DecodeService(InstanceService):
         once the prefill's share of it (grant off its socket -> PrefillDone sent) is taken
         away: the two messages' times in flight, assumed alike."""
         kv_send, hold = upstream.get("kv_send"), upstream.get("grant_hold")
-        if not isinstance(kv_send, (int, float)) or not isinstance(hold, (int, float)):
+        if not _is_seconds(kv_send) or not _is_seconds(hold):
             return 0.0
         seconds = kv_send + max(0.0, arrived - g.created_at - hold) / 2
         self.metrics.kv_transfer.observe(seconds)
@@ -172,6 +218,7 @@ class DecodeService(InstanceService):
 
     # ------------------------------------------------------------------ decoding
     def on_step(self, outputs: list[StepOutput]) -> None:
+        fault_point("decode.step")
         self.stream_outputs(outputs)
 
     def finish_timeline(self, s: Stream, now: float) -> dict:
@@ -195,7 +242,7 @@ class DecodeService(InstanceService):
         kv_send = (upstream or {}).get("kv_send")
         return {"phases": phases, "decode_instance": self.instance_id,
                 "prefill_instance": (upstream or {}).get("prefill_instance"),
-                "kv_send": min(kv_send, kv_transfer) if isinstance(kv_send, (int, float))
+                "kv_send": min(kv_send, kv_transfer) if _is_seconds(kv_send)
                 else 0.0, "num_preemptions": num_preemptions}
 
     def on_abort(self, inbound: Inbound) -> None:
@@ -210,10 +257,42 @@ class DecodeService(InstanceService):
     def load(self) -> dict:
         return {**super().load(), "ledger": self.ledger.snapshot()}
 
+    # ------------------------------------------------------------------ graceful drain
+    def start_drain(self, timeout: float) -> None:
+        """No new grants: queued AllocRequests are refused now (the router retries them on
+        another decode); grants already given may still complete and are then migrated like
+        every running request."""
+        super().start_drain(timeout)
+        while self.ledger.waiting_allocs:
+            p = self.ledger.waiting_allocs.popleft()
+            self.reject(p.msg.reply_to, p.msg.req_id, "decode is draining")
+
+    def role_drained(self) -> bool:
+        return not self.ledger.grants
+
+    def drain_step(self) -> bool:
+        done = super().drain_step()
+        if done:
+            # Out of time with transfers still open: end their leases now, as expiry would.
+            for gid in list(self.ledger.grants):
+                g = self.ledger.release(gid, expired=True)
+                if g is not None:
+                    expired = GrantExpired(g.grant_id, g.req_id)
+                    self.send(g.reply_to, expired)
+                    self.send(g.msg.router_reply_to, expired)
+        return done
+
 
 def _phases(upstream: dict | None) -> dict:
     phases = (upstream or {}).get("phases")
     if not isinstance(phases, dict):
         return {}
     return {k: float(v) for k, v in phases.items()
-            if isinstance(k, str) and isinstance(v, (int, float))}
+            if isinstance(k, str) and _is_seconds(v)}
+
+
+def _is_seconds(value: object) -> bool:
+    """A duration from the prefill's timeline that may enter our histograms and the router's
+    timeline (which a NaN or an infinity would poison for good)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value >= 0)

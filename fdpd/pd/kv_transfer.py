@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 import zmq
 
+from fdpd.faults import fault_point
 from fdpd.pd.protocol import KVBlocks, Message
 
 MAX_FRAME_BYTES = 8 * 2**20
@@ -44,9 +45,11 @@ def from_frame(buffer: memoryview | bytes, dtype: str, shape: Sequence[int],
     if DTYPE_NAMES.get(expect_dtype) != dtype:
         raise KVFrameError(f"KV dtype {dtype!r} does not match this cache "
                            f"({DTYPE_NAMES.get(expect_dtype)})")
-    shape = [int(s) for s in shape]
-    if len(shape) != 6 or shape[0:2] != list(expect_tail[0:2]) \
-            or shape[3:] != list(expect_tail[3:]):
+    shape = list(shape)
+    # Everything about the header is the sender's word: a bad one is a KVFrameError, never
+    # another exception (the caller fails the transfer on KVFrameError only).
+    if len(shape) != 6 or any(type(s) is not int for s in shape) or shape[2] < 1 \
+            or shape[0:2] != list(expect_tail[0:2]) or shape[3:] != list(expect_tail[3:]):
         raise KVFrameError(f"KV shape {shape} does not fit this cache's blocks "
                            f"{list(expect_tail)}")
     expected = expect_dtype.itemsize
@@ -121,6 +124,7 @@ def send_kv_blocks(send: Callable[[Message, list], None], kv_cache: torch.Tensor
         send(KVBlocks(grant_id, req_id, first_index + i, len(chunk),
                       DTYPE_NAMES[staged.dtype], list(staged.shape)), [pool.frame(staged)])
         sent += staged.numel() * staged.element_size()
+        fault_point("prefill.kv_send")
     return sent
 
 

@@ -10,7 +10,8 @@ requests will need soon. With reserve horizon ``H`` tokens:
 - a new request needs ``need = blocks_for(prompt + 1 + min(max_tokens - 1, H))`` minus the
   cached prefix blocks it reuses (plus those of them that must be revived from the free queue);
 - it is granted iff ``free - sum(r_i) - sum(p_g) >= need``. Otherwise it waits in FIFO order (a
-  bounded time) and is then rejected.
+  bounded time) and is then rejected; at most ``max_pending_allocs`` wait (``QueueFull`` past
+  that, at once: a burst is refused, not queued without bound).
 
 A grant owns ``blocks_for(prompt + 1)`` blocks in the BlockManager under the owner id
 ``grant:<id>``: those blocks are LOADING (no request points at them, so the scheduler cannot
@@ -58,10 +59,18 @@ class GrantRecord:
     created_at: float = field(default_factory=time.monotonic)
     requested_at: float = 0.0          # ledger clock: the AllocRequest arrived
     granted_at: float = 0.0            # ledger clock: granted (after waiting, if it had to)
+    # PrefillDone (and its arrival time) that came before all of its KV, reordered on the way:
+    # held until the last block is in, or the lease ends.
+    early_done: tuple | None = None
 
     @property
     def owner(self) -> str:
         return f"grant:{self.grant_id}"
+
+    @property
+    def kv_complete(self) -> bool:
+        """Every expected block arrived (a block sent twice counts once)."""
+        return len(self.received) == self.num_expected
 
     @property
     def num_expected(self) -> int:
@@ -77,6 +86,10 @@ class PendingAlloc:
     block_hashes: list[bytes]
     deadline: float
     enqueued_at: float
+
+
+class QueueFull(ValueError):
+    """``max_pending_allocs`` requests already wait for room: refuse this one now."""
 
 
 class LedgerError(RuntimeError):
@@ -97,7 +110,8 @@ class ReservationLedger:
         self.waiting_allocs: deque[PendingAlloc] = deque()
         self._ids = itertools.count()
         self.counters = {"granted": 0, "deferred": 0, "rejected": 0, "expired": 0,
-                         "committed": 0, "released": 0, "stale_kv": 0}
+                         "committed": 0, "released": 0, "stale_kv": 0,
+                         "refused_queue_full": 0}
 
     # ------------------------------------------------------------------ arithmetic
     def _horizon_blocks(self, num_tokens: int, remaining: int) -> int:
@@ -135,7 +149,8 @@ class ReservationLedger:
     def offer(self, msg: AllocRequest, src: str, block_hashes: list[bytes]
               ) -> GrantRecord | None:
         """Try to grant ``msg`` now; if it cannot be granted now, queue it (FIFO) and return
-        None. Raises ValueError when it can never be granted on this instance."""
+        None. Raises ValueError when it can never be granted on this instance, QueueFull (a
+        ValueError) when it cannot be granted now and the waiting queue is full."""
         total = self.bm.blocks_for(msg.prompt_len + msg.max_tokens)
         if total > self.bm.num_blocks:
             raise ValueError(f"needs {total} blocks, the decode pool has {self.bm.num_blocks}")
@@ -147,7 +162,9 @@ class ReservationLedger:
             if grant is not None:
                 return grant
         if len(self.waiting_allocs) >= self.max_pending_allocs:
-            raise ValueError("decode admission queue is full")
+            self.counters["refused_queue_full"] += 1
+            raise QueueFull(f"decode queue is full ({len(self.waiting_allocs)} requests wait "
+                            "for room, --max-queued-requests)")
         self.waiting_allocs.append(PendingAlloc(msg, src, block_hashes, now + msg.timeout_s,
                                                 now))
         self.counters["deferred"] += 1

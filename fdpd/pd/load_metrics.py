@@ -54,6 +54,10 @@ COUNTERS: list[tuple[str, str, tuple[Path, ...]]] = [
      (("kv_store", "lookup_hit_blocks"),)),
     ("fdpd:kv_store_misses_total", "Blocks a KV-store lookup asked for and did not find "
      "(absent, or the store failed).", (("kv_store", "lookup_miss_blocks"),)),
+    ("fdpd:transport_unauthenticated_total", "Messages dropped for a missing or wrong MAC "
+     "(with a cluster secret; never answered).", (("transport", "unauthenticated"),)),
+    ("fdpd:transport_replayed_total", "Authenticated messages dropped as replays (a seq "
+     "seen before, or older than the replay window).", (("transport", "replayed"),)),
 ]
 # (name, help, label, {label value: load path(s)})
 LABELLED: list[tuple[str, str, str, dict[str, tuple[Path, ...]]]] = [

@@ -17,6 +17,14 @@ class MixedService(InstanceService):
 
     def on_submit(self, inbound: Inbound) -> None:
         msg: Submit = inbound.msg
+        if self.draining:
+            self.reject(msg.reply_to, msg.req_id, "instance is draining")
+            return
+        waiting = len(self.engine.scheduler.waiting)
+        if waiting >= self.pd.max_queued_requests:
+            self.reject(msg.reply_to, msg.req_id, f"queue is full ({waiting} requests waiting, "
+                        "--max-queued-requests)", retry_after=1.0)
+            return
         try:
             req = self.build_request(msg)
             req.arrival_time = inbound.received_at or req.arrival_time   # off the socket

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from fdpd.engine.engine import RequestError, StepOutput
 from fdpd.engine.request import Request
 from fdpd.engine.scheduler import kv_owner
+from fdpd.faults import fault_point
 from fdpd.pd import kv_transfer
 from fdpd.pd.protocol import (
     Abort,
@@ -28,7 +29,7 @@ from fdpd.pd.protocol import (
     SubmitAck,
     TransferResult,
 )
-from fdpd.pd.service import InstanceService
+from fdpd.pd.service import InstanceService, RecentIds
 from fdpd.pd.transport import Inbound
 
 log = logging.getLogger(__name__)
@@ -58,11 +59,27 @@ class PrefillService(InstanceService):
         self.jobs: dict[str, PrefillJob] = {}
         self.staging = kv_transfer.StagingPool()
         self.peers: dict[str, str] = {}           # decode instance id -> inbox address
+        # Duplicates (a message delivered twice, maybe late) must not act twice: every Submit
+        # taken, and every request whose KV went out under its grant.
+        self.submits, self.shipped = RecentIds(), RecentIds()
         self.counters.update({"kv_bytes_sent": 0, "kv_blocks_sent": 0, "transfers": 0,
-                              "transfer_failures": 0, "grant_timeouts": 0})
+                              "transfer_failures": 0, "grant_timeouts": 0, "duplicates": 0})
 
     def on_submit(self, inbound: Inbound) -> None:
         msg: Submit = inbound.msg
+        if not self.submits.add(msg.req_id):
+            self.counters["duplicates"] += 1        # its first copy got the one reply
+            return
+        if self.draining:
+            self.reject(msg.reply_to, msg.req_id, "prefill is draining")
+            return
+        waiting = len(self.engine.scheduler.waiting)
+        if waiting >= self.pd.max_queued_requests:
+            # Bounded queue: refuse now (the router tries another prefill or answers 503)
+            # rather than let the wait, and the memory, grow with the burst.
+            self.reject(msg.reply_to, msg.req_id, f"prefill queue is full ({waiting} requests "
+                        "waiting, --max-queued-requests)", retry_after=1.0)
+            return
         if not msg.decode_address:
             self.reject(msg.reply_to, msg.req_id, "a prefill instance needs a decode instance")
             return
@@ -82,16 +99,21 @@ class PrefillService(InstanceService):
         self.send(msg.reply_to, SubmitAck(msg.req_id))
         self.send(msg.decode_address, AllocRequest(
             msg.req_id, msg.prompt_token_ids, msg.params, msg.seed, msg.max_tokens,
-            self.address, msg.reply_to, timeout))
+            self.address, msg.reply_to, timeout, msg.num_output_tokens))
+        fault_point("prefill.await_grant")
 
     def on_grant(self, inbound: Inbound) -> None:
         msg: Grant = inbound.msg
         job = self.jobs.get(msg.req_id)
         if job is None or job.grant is not None:
-            # Late (we gave up) or duplicate: give the blocks back at once.
+            # Late (we gave up): give the blocks back at once. A duplicate of the grant we
+            # took needs nothing, and must not be given back once shipped: that Abort would
+            # end the request the decode now runs.
             address = self.peers.get(inbound.envelope.src)
-            if address and job is None:
+            if job is None and msg.req_id not in self.shipped and address:
                 self.send(address, Abort(msg.req_id, "prefill no longer has this request"))
+            else:
+                self.counters["duplicates"] += 1
             return
         job.grant = msg
         job.granted_at = inbound.received_at or time.monotonic()
@@ -112,6 +134,7 @@ class PrefillService(InstanceService):
     def _ship(self, job: PrefillJob) -> None:
         """Send the KV decode lacks, then PrefillDone; release our copy."""
         del self.jobs[job.req.request_id]
+        self.shipped.add(job.req.request_id)
         grant, out, req = job.grant, job.result, job.req
         token = out.new_token_ids[0]
         logprob = out.new_logprobs[0] if out.new_logprobs else None
@@ -119,7 +142,8 @@ class PrefillService(InstanceService):
         ship_start = time.monotonic()
         if out.finish_reason == "prefilled":
             owner = kv_owner(req)
-            num_kv = self.engine.block_manager.blocks_for(req.num_prompt_tokens)
+            # Every token but the sampled one has KV (a resumed request: its old outputs too).
+            num_kv = self.engine.block_manager.blocks_for(req.num_tokens - 1)
             blocks = self.engine.block_manager.owned(owner)[grant.cached_blocks:num_kv]
             try:
                 kv_blocks_sent = self._send_kv(job, blocks)
@@ -216,3 +240,20 @@ class PrefillService(InstanceService):
 
     def load(self) -> dict:
         return {**super().load(), "jobs": len(self.jobs)}
+
+    # ------------------------------------------------------------------ graceful drain
+    def role_drained(self) -> bool:
+        return not self.jobs
+
+    def drain_step(self) -> bool:
+        """Jobs already here finish (compute, grant, ship) until the drain timeout; then the
+        rest go back to the router, which retries them elsewhere (no token was streamed)."""
+        done = super().drain_step()
+        if done:
+            for job in list(self.jobs.values()):
+                del self.jobs[job.req.request_id]
+                self._drop(job)
+                self.send(job.decode_address, Abort(job.req.request_id, "prefill drained"))
+                self.send(job.router, Reject(job.req.request_id, "prefill is draining", 0.0,
+                                             origin=self.instance_id))
+        return done

@@ -9,9 +9,10 @@ Rules that the services rely on (DESIGN 3 and 6):
 - every request message gets exactly one reply: ``Submit`` -> ``SubmitAck`` | ``Reject``;
   ``AllocRequest`` -> ``Grant`` | ``Reject``; ``PrefillDone`` -> ``TransferResult``;
   ``Register`` -> ``RegisterAck``;
-- an envelope with an unknown version or type, a missing or mistyped field, or an extra field
-  fails to decode with ``ProtocolError``: it is counted and answered with ``Error`` where the
-  sender is known, and never crashes the process;
+- an envelope with an unknown version or type, a missing or mistyped field, an extra field,
+  or a field whose contents break ``_CONTENTS`` (element types, addresses, durations) fails to
+  decode with ``ProtocolError`` (and with nothing else, whatever the bytes): it is counted and
+  answered with ``Error`` where the sender is known, and never crashes the process;
 - a restarted process has a new, larger epoch; messages from an older epoch of a known peer are
   dropped by the transport.
 """
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -62,7 +65,8 @@ class Message:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         extra = set(payload) - set(fields)
         if extra:
-            raise ProtocolError(f"{cls.TYPE}: unknown field {sorted(extra)[0]!r}")
+            # Keys may be str and bytes mixed (msgpack maps): order them by their repr.
+            raise ProtocolError(f"{cls.TYPE}: unknown field {_shown(min(extra, key=repr))}")
         for name, f in fields.items():
             if name not in payload:
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -73,6 +77,9 @@ class Message:
             if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
                 raise ProtocolError(f"{cls.TYPE}.{name}: expected {f.type}, got "
                                     f"{type(value).__name__}")
+            check = _CONTENTS.get((cls.TYPE, name))
+            if check is not None and not check[0](value):
+                raise ProtocolError(f"{cls.TYPE}.{name}: expected {check[1]}")
         return cls(**payload)
 
 
@@ -119,6 +126,11 @@ class Submit(Message):
     timeout_s: float           # the request's remaining deadline
     decode_id: str = ""
     decode_address: str = ""
+    # A resumed request (its decode drained, see Migrate): the last ``num_output_tokens`` of
+    # ``prompt_token_ids`` are tokens it already generated. They are context for the KV like
+    # the prompt, but outputs for sampling (penalties, min_tokens, seeded positions), and
+    # ``max_tokens`` counts only the tokens still to generate.
+    num_output_tokens: int = 0
 
 
 @dataclass
@@ -152,6 +164,7 @@ class AllocRequest(Message):
     reply_to: str              # the prefill instance's inbox
     router_reply_to: str       # where D sends the tokens
     timeout_s: float           # how long P will wait for the reply
+    num_output_tokens: int = 0     # as in Submit: a resumed request's generated tail
 
     @property
     def prompt_len(self) -> int:
@@ -237,6 +250,18 @@ class Tokens(Message):
 
 
 @dataclass
+class Migrate(Message):
+    """decode/mixed -> router: this instance is draining and has stopped ``req_id`` after
+    ``num_output_tokens`` tokens (all already sent in Tokens on this same channel, so they
+    arrived first). Its KV was written to the KV store where one is configured. The router
+    resumes the request on another instance, so the client's stream goes on."""
+    TYPE: ClassVar[str] = "migrate"
+    req_id: str
+    num_output_tokens: int
+    reason: str = ""
+
+
+@dataclass
 class Abort(Message):
     """router -> instances: stop a request (client gone, stop string hit, deadline)."""
     TYPE: ClassVar[str] = "abort"
@@ -256,7 +281,61 @@ class Error(Message):
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls for cls in (Register, RegisterAck, Heartbeat, Submit, SubmitAck, Reject,
                               AllocRequest, Grant, KVBlocks, PrefillDone, TransferResult,
-                              GrantExpired, Tokens, Abort, Error)
+                              GrantExpired, Tokens, Migrate, Abort, Error)
+}
+
+
+# ---------------------------------------------------------------------- field contents
+# Beyond a field's type, what every handler would otherwise have to re-check: the elements of
+# lists that services compute with (block ids, KV shapes, token ids and logprobs sent to the
+# router; prompts are checked by ``Engine.make_request``), addresses that services send to
+# (libzmq refuses a malformed endpoint with an exception in the sender's IO thread), and
+# durations that become deadlines (a NaN deadline never passes, so its state would never end).
+_ENDPOINT = re.compile(r"tcp://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})")
+
+
+def _shown(value: Any) -> str:
+    """A sender's value in an error message (logged, and sent back in ``Error``): bounded."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def _is_endpoint(value: Any) -> bool:
+    m = _ENDPOINT.fullmatch(value) if isinstance(value, str) else None
+    return m is not None and 0 < int(m.group(1)) < 65536
+
+
+def _all_ints(values: list) -> bool:
+    return all(type(v) is int for v in values)      # not bool: True is no block id
+
+
+def _all_numbers(values: list | None) -> bool:
+    return values is None or all(type(v) in (int, float) for v in values)
+
+
+def _is_duration(value: float) -> bool:
+    return math.isfinite(value) and value >= 0
+
+
+_ADDRESS = (_is_endpoint, "a tcp://HOST:PORT address")
+_DURATION = (_is_duration, "finite seconds >= 0")
+_CONTENTS: dict[tuple[str, str], tuple[Any, str]] = {
+    ("register", "address"): _ADDRESS,
+    ("heartbeat", "load"): (lambda load: "address" not in load or _is_endpoint(load["address"]),
+                            "a map whose address is tcp://HOST:PORT"),
+    ("submit", "reply_to"): _ADDRESS,
+    ("submit", "decode_address"): (lambda a: a == "" or _is_endpoint(a),
+                                   "'' or a tcp://HOST:PORT address"),
+    ("submit", "timeout_s"): _DURATION,
+    ("reject", "retry_after"): _DURATION,
+    ("alloc_request", "reply_to"): _ADDRESS,
+    ("alloc_request", "router_reply_to"): _ADDRESS,
+    ("alloc_request", "timeout_s"): _DURATION,
+    ("grant", "block_ids"): (_all_ints, "a list of integers"),
+    ("grant", "ttl_s"): _DURATION,
+    ("kv_blocks", "shape"): (_all_ints, "a list of integers"),
+    ("tokens", "token_ids"): (_all_ints, "a list of integers"),
+    ("tokens", "logprobs"): (_all_numbers, "a list of numbers or nil"),
 }
 
 
@@ -291,13 +370,15 @@ def decode(frame: bytes | memoryview) -> Envelope:
         raise ProtocolError(f"undecodable envelope: {type(e).__name__}") from None
     if not isinstance(raw, dict):
         raise ProtocolError("envelope must be a map")
-    if raw.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"unsupported protocol version {raw.get('v')!r} "
+    version = raw.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:     # True == 1 in Python
+        raise ProtocolError(f"unsupported protocol version {_shown(version)} "
                             f"(this is {PROTOCOL_VERSION})")
-    cls = MESSAGE_TYPES.get(raw.get("t"))  # type: ignore[arg-type]
+    kind = raw.get("t")
+    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise ProtocolError(f"unknown message type {raw.get('t')!r}")
+        raise ProtocolError(f"unknown message type {_shown(kind)}")
     src, epoch, seq = raw.get("src"), raw.get("ep"), raw.get("seq")
-    if not isinstance(src, str) or not isinstance(epoch, int) or not isinstance(seq, int):
+    if not isinstance(src, str) or type(epoch) is not int or type(seq) is not int:
         raise ProtocolError("envelope needs src (str), ep (int) and seq (int)")
     return Envelope(src, epoch, seq, cls.from_payload(raw.get("p")))

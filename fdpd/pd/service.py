@@ -5,7 +5,7 @@ differ only in their handlers and in what happens after a step (DESIGN 2)."""
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +20,7 @@ from fdpd.pd.protocol import (
     Error,
     Heartbeat,
     Message,
+    Migrate,
     Register,
     RegisterAck,
     Reject,
@@ -59,14 +60,18 @@ class InstanceService:
         self.pd = pd
         self.inst = inst
         self.epoch = new_epoch()
-        self.transport = Transport("unbound", self.epoch, f"tcp://{inst.host}:{inst.port}")
+        self.transport = Transport("unbound", self.epoch, f"tcp://{inst.host}:{inst.port}",
+                                   secret=pd.cluster_key)
         self._address = inst.advertised(self.transport.address)
         self.instance_id = inst.instance_id or f"{self.role}@{self._address[6:]}"
         self.transport.codec.src = self.instance_id
         self.router_address = f"tcp://{inst.router}" if inst.router else None
         self.registered = False
         self.counters: dict[str, int] = {"unexpected_messages": 0, "handler_errors": 0,
-                                         "rejected": 0}
+                                         "rejected": 0, "migrated": 0}
+        self.draining = False
+        self.drain_deadline = 0.0
+        self._migrating: set[str] = set()       # streams stopped here, Migrate not sent yet
         self.handlers: dict[type[Message], Callable[[Inbound], None]] = {
             RegisterAck: self._on_register_ack,
             Error: self._on_error,
@@ -88,17 +93,69 @@ class InstanceService:
 
     @property
     def address(self) -> str:
-        """The inbox address peers dial (the bound port on the advertised host)."""
+        """The inbox address peers dial: ``--advertise-address`` (a proxy in front of this
+        instance), else the bound port on the advertised host."""
         return self._address
 
     # ------------------------------------------------------------------ the loop
-    def serve(self, stop: threading.Event) -> None:
+    def serve(self, stop: threading.Event, drain: threading.Event | None = None) -> None:
+        """Run until ``stop``; once ``drain`` is set, drain first (bounded by the drain
+        timeout), then return."""
         log.info("%s serving at %s (epoch %d)", self.instance_id, self.address, self.epoch)
         try:
             while not stop.is_set():
+                if drain is not None and drain.is_set() and not self.draining:
+                    self.start_drain(self.pd.drain_timeout)
                 self.run_once()
+                if self.draining and self.drain_step():
+                    break
         finally:
             self.close()
+
+    # ------------------------------------------------------------------ graceful drain
+    def start_drain(self, timeout: float) -> None:
+        """Take no new work from now on; ``drain_step`` moves or finishes what is here. The
+        next heartbeat (sent at once) tells the router to stop routing here."""
+        self.draining = True
+        self.drain_deadline = time.monotonic() + timeout
+        self._next_heartbeat = 0.0
+        log.info("%s draining (at most %.0f s): %d streams", self.instance_id, timeout,
+                 len(self.streams))
+
+    def drain_step(self) -> bool:
+        """One loop iteration's drain work; True once nothing is left here (or the drain
+        timeout passed)."""
+        late = time.monotonic() >= self.drain_deadline
+        self.migrate_streams(late)
+        return late or (not self.streams and self.role_drained())
+
+    def role_drained(self) -> bool:
+        """Role work that must end before the process may stop (grants, prefill jobs)."""
+        return True
+
+    def migrate_streams(self, late: bool) -> None:
+        """Hand every request streaming from here back to the router to resume elsewhere.
+
+        With a KV store, a running request is preempted first: the preemption handler writes
+        its full blocks to the store (pinned until acknowledged), so whichever instance
+        resumes it restores that KV instead of recomputing it. The request is then dropped
+        here, and once every write-back is acknowledged (or the drain timeout passed) the
+        router gets one ``Migrate`` per request, after all the request's tokens (same
+        channel, so they arrive first)."""
+        sched = self.engine.scheduler
+        for req_id in self.streams.keys() - self._migrating:
+            if sched.preemption.restores and any(r.request_id == req_id for r in sched.running):
+                sched.preempt(req_id)
+            self.engine.abort_request(req_id)
+            self._migrating.add(req_id)
+        if not self._migrating or (sched.preemption.pending() and not late):
+            return
+        for req_id in sorted(self._migrating):
+            s = self.streams.pop(req_id)
+            self.send(s.reply_to, Migrate(req_id, s.req.num_output_tokens,
+                                          f"{self.instance_id} is draining"))
+            self.counters["migrated"] += 1
+        self._migrating.clear()
 
     def run_once(self) -> None:
         now = time.monotonic()
@@ -167,7 +224,8 @@ class InstanceService:
         except (SamplingParamsError, TypeError, ValueError) as e:
             raise RequestError(getattr(e, "field", "params"), str(e)) from None
         req = self.engine.make_request(submit.req_id, submit.prompt_token_ids, params,
-                                       seed=submit.seed, max_tokens=submit.max_tokens)
+                                       seed=submit.seed, max_tokens=submit.max_tokens,
+                                       num_output_tokens=submit.num_output_tokens)
         req.prefill_only = prefill_only
         return req
 
@@ -279,6 +337,7 @@ class InstanceService:
         stats = bm.stats()
         return {
             "address": self.address,
+            "draining": self.draining,
             "running": len(sched.running),
             "waiting": len(sched.waiting),
             "free_blocks": bm.num_free_blocks,
@@ -293,10 +352,7 @@ class InstanceService:
             "prefix_queried_tokens": stats.queried_tokens,
             "prefix_hit_tokens": stats.hit_tokens,
             "metrics_address": self.metrics_url,
-            "transport": {"received": self.transport.stats.received,
-                          "malformed": self.transport.stats.malformed,
-                          "stale_epoch": self.transport.stats.stale_epoch,
-                          "send_failed": self.transport.stats.send_failed},
+            "transport": self.transport.stats.view(),
             **self.counters,
         }
 
@@ -321,3 +377,28 @@ class LatencyWindow:
         ordered = sorted(self.recent)
         pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
         return {"count": self.count, "sum": self.total, "p50": pick(0.5), "p99": pick(0.99)}
+
+
+class RecentIds:
+    """The last ``capacity`` ids a handler took, to recognise a message that arrives twice (a
+    network or proxy duplicate, possibly late) after the state its first copy created is gone
+    (a request shipped, a grant committed). Bounded memory, O(1) per id."""
+
+    def __init__(self, capacity: int = 65536):
+        self.capacity = capacity
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, key: str) -> bool:
+        """Remember ``key``. False if it was remembered already: a duplicate."""
+        if key in self._ids:
+            return False
+        self._ids[key] = None
+        if len(self._ids) > self.capacity:
+            self._ids.popitem(last=False)
+        return True
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)

@@ -10,11 +10,17 @@ reference to each buffer until libzmq has sent it, so a caller must not *modify*
 handing it over (``kv_transfer.StagingPool`` recycles buffers only after their send
 completed, as reported by the frame's tracker). Received
 extra frames alias zmq's receive buffers; consumers copy them once into their destination.
+
+With a cluster ``secret`` every message carries a MAC frame (``fdpd.pd.auth``): ``send``
+computes it in the calling thread, over the same buffers it hands over (no copy), so the IO
+thread's time goes to the wire; ``_deliver`` verifies it before decoding anything and drops
+(counts, never answers) what fails, then drops replayed seq numbers.
 """
 
 from __future__ import annotations
 
 import collections
+import ipaddress
 import logging
 import queue
 import threading
@@ -24,6 +30,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from fdpd.pd.auth import MessageAuthenticator, ReplayGuard
 from fdpd.pd.protocol import Codec, Envelope, Error, Message, ProtocolError, decode
 
 log = logging.getLogger(__name__)
@@ -49,16 +56,31 @@ class TransportStats:
     malformed: int = 0
     stale_epoch: int = 0
     send_failed: int = 0
+    # With a cluster secret: no or a wrong MAC (by_reason: no_mac, bad_mac); a seq seen
+    # before or below the replay window (replayed, too_old); an epoch too far ahead.
+    unauthenticated: int = 0
+    replayed: int = 0
+    future_epoch: int = 0
     by_reason: collections.Counter = field(default_factory=collections.Counter)
+
+    def view(self) -> dict[str, int]:
+        """The counters, as load reports and ``/v1/cluster`` show them."""
+        return {"received": self.received, "sent": self.sent, "malformed": self.malformed,
+                "stale_epoch": self.stale_epoch, "send_failed": self.send_failed,
+                "unauthenticated": self.unauthenticated, "replayed": self.replayed,
+                "future_epoch": self.future_epoch}
 
 
 class Transport:
     def __init__(self, identity: str, epoch: int, bind: str = "tcp://127.0.0.1:0", *,
-                 on_message: Callable[[Inbound], None] | None = None, hwm: int = 10000):
+                 on_message: Callable[[Inbound], None] | None = None, hwm: int = 10000,
+                 secret: bytes | None = None):
         self.identity = identity
         self.epoch = epoch
         self.codec = Codec(identity, epoch)
         self.stats = TransportStats()
+        self._auth = MessageAuthenticator(secret) if secret is not None else None
+        self._replays = ReplayGuard() if secret is not None else None
         self._bind = bind
         self._hwm = hwm
         self._on_message = on_message
@@ -80,6 +102,16 @@ class Transport:
             raise RuntimeError("transport IO thread did not start")
         if self._error is not None:
             raise self._error
+        if self._auth is None and not _is_loopback(self.address):
+            log.warning("the ZMQ inbox at %s is not loopback and there is no cluster secret: "
+                        "anyone who can reach it can inject requests and KV (set "
+                        "FDPD_CLUSTER_SECRET or --cluster-secret-file on every process)",
+                        self.address)
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether messages are signed and only authenticated ones are accepted."""
+        return self._auth is not None
 
     # ----------------------------------------------------------------- any thread
     def send(self, address: str, msg: Message, frames: Sequence = ()) -> None:
@@ -90,7 +122,10 @@ class Transport:
             push.setsockopt(zmq.LINGER, 0)
             push.connect(self._ctl)
             self._local.push = push
-        push.send_multipart([address.encode(), self.codec.encode(msg), *frames], copy=False)
+        parts = [self.codec.encode(msg), *frames]
+        if self._auth is not None:
+            parts.append(self._auth.sign(parts))
+        push.send_multipart([address.encode(), *parts], copy=False)
 
     def recv(self, timeout: float | None = None) -> Inbound | None:
         try:
@@ -137,10 +172,10 @@ class Transport:
                             self._forward(parts, dealers, poller)
                         elif sock is inbox:
                             self._deliver(parts[1:], lambda reply, ident=parts[0]:
-                                          inbox.send_multipart([ident, reply], zmq.NOBLOCK))
+                                          inbox.send_multipart([ident, *reply], zmq.NOBLOCK))
                         else:
                             self._deliver(parts, lambda reply, s=sock:
-                                          s.send(reply, zmq.NOBLOCK))
+                                          s.send_multipart(reply, zmq.NOBLOCK))
         finally:
             for s in (inbox, ctl, *dealers.values()):
                 s.close(0)
@@ -163,7 +198,15 @@ class Transport:
             self.stats.send_failed += 1
             log.warning("send queue to %s is full; message dropped", address)
 
-    def _deliver(self, parts: list[zmq.Frame], reply: Callable[[bytes], None]) -> None:
+    def _deliver(self, parts: list[zmq.Frame], reply: Callable[[list[bytes]], None]) -> None:
+        if self._auth is not None:
+            why = self._auth.verify(parts)
+            if why is not None:
+                # Not answered: a reply would confirm to a prober what it reached.
+                self.stats.unauthenticated += 1
+                self._dropped(why, self.stats.unauthenticated)
+                return
+            parts = parts[:-1]
         try:
             env = decode(parts[0].buffer)
         except ProtocolError as e:
@@ -171,7 +214,7 @@ class Transport:
             self.stats.by_reason["malformed"] += 1
             log.warning("dropped malformed message: %s", e)
             try:
-                reply(self.codec.encode(Error("malformed", str(e))))
+                reply(self._signed(self.codec.encode(Error("malformed", str(e)))))
             except zmq.ZMQError:
                 pass
             return
@@ -180,6 +223,17 @@ class Transport:
             self.stats.stale_epoch += 1
             log.info("dropped %s from a previous epoch of %s", env.msg.TYPE, env.src)
             return
+        if self._replays is not None:
+            why = self._replays.check(env.src, env.epoch, env.seq)
+            if why is not None:
+                if why == "future_epoch":
+                    self.stats.future_epoch += 1
+                    n = self.stats.future_epoch
+                else:
+                    self.stats.replayed += 1
+                    n = self.stats.replayed
+                self._dropped(why, n, f" ({env.msg.TYPE} from {env.src})")
+                return
         self._peer_epochs[env.src] = env.epoch
         self.stats.received += 1
         inbound = Inbound(env, parts[1:], time.monotonic())
@@ -187,3 +241,26 @@ class Transport:
             self._on_message(inbound)
         else:
             self._inbound.put(inbound)
+
+    def _signed(self, envelope: bytes) -> list[bytes]:
+        return [envelope] if self._auth is None else [envelope, self._auth.sign([envelope])]
+
+    def _dropped(self, why: str, count: int, detail: str = "") -> None:
+        self.stats.by_reason[why] += 1
+        # Logged at 1, 2, 4, 8, ... of a kind: a flood must not flood the log too.
+        if (count & (count - 1)) == 0:
+            log.warning("dropped a message: %s%s (%d dropped so far of this kind)", why,
+                        detail, count)
+
+
+def _is_loopback(address: str) -> bool:
+    """Whether a bound ``tcp://HOST:PORT`` is reachable from this machine only (other
+    transports, inproc and ipc, are local anyway)."""
+    scheme, _, rest = address.partition("://")
+    if scheme != "tcp":
+        return True
+    host = rest.rpartition(":")[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

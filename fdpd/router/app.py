@@ -5,7 +5,9 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/model
 ``GET /v1/requests/{id}/timeline`` (see ``fdpd.router.timeline``), ``GET /health``,
 ``GET /metrics``. With an API
 key, every ``/v1/*`` path needs ``Authorization: Bearer <key>``; ``/health`` and ``/metrics``
-stay open for probes and scrapers.
+stay open for probes and scrapers. Overload: past ``--max-inflight-requests`` held generation
+requests a new one gets 429 with Retry-After, and a body over ``--max-request-body-bytes`` gets
+413, both before the body is read (``Admission``).
 """
 
 from __future__ import annotations
@@ -20,19 +22,27 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fdpd.metrics import CONTENT_TYPE
 from fdpd.router.chat_completions import create_chat_completion
 from fdpd.router.completions import create_completion
-from fdpd.router.errors import APIError, install_error_handlers, internal_error
+from fdpd.router.errors import (
+    DEFAULT_RETRY_AFTER,
+    APIError,
+    install_error_handlers,
+    internal_error,
+)
 from fdpd.router.http_metrics import RouterMetrics
 from fdpd.router.openai_api import ChatCompletionRequest, CompletionRequest
 
 if TYPE_CHECKING:
-    from fdpd.router.core import RouterCore
+    from fdpd.router.core import Admission, RouterCore
 
 log = logging.getLogger(__name__)
+# Requests that take an admission seat (see ``fdpd.router.core.Admission``).
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 
 @dataclass
@@ -51,6 +61,11 @@ def create_app(core: RouterCore, *, api_key: str | None = None,
     ctx = AppContext(core, RouterMetrics(), int(time.time()))
     app.state.ctx = ctx
     install_error_handlers(app)
+    app.add_exception_handler(_BodyTooLarge, _answer_body_too_large)
+    # RouterCore's bounds; a test double of the core may have none (then nothing is bounded).
+    admission = getattr(core, "admission", None)
+    if admission is not None:
+        app.add_middleware(_AdmissionMiddleware, admission=admission)
     app.add_middleware(_APIKeyMiddleware, api_key=api_key)
     # Added last, so it is outermost and counts every answer, 401s included.
     app.add_middleware(_HTTPMetricsMiddleware, metrics=ctx.metrics)
@@ -170,6 +185,78 @@ class _APIKeyMiddleware:
                          "<key>'", code="invalid_api_key",
                          headers={"WWW-Authenticate": "Bearer"})
         await error.response()(scope, receive, send)
+
+
+class _AdmissionMiddleware:
+    """Bounds what the router holds (``Admission``) before reading any body: a body over the
+    limit gets 413, at once when its Content-Length says so, else as soon as what was read
+    outgrows it (chunked); a generation request finding no seat free gets 429 with
+    Retry-After. A seat is held until the response has ended, streams included."""
+
+    def __init__(self, app: ASGIApp, admission: Admission):
+        self.app = app
+        self.admission = admission
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.admission.max_body_bytes
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            await _body_too_large(limit).response()(scope, receive, send)
+            return
+        bounded = _bounded_receive(receive, limit)
+        if scope["method"] != "POST" or scope["path"] not in GENERATION_PATHS:
+            await self.app(scope, bounded, send)
+            return
+        if not self.admission.enter():
+            error = APIError(429, f"the router holds its limit of {self.admission.limit} "
+                             f"requests (--max-inflight-requests); retry after "
+                             f"{DEFAULT_RETRY_AFTER} s", code="rate_limit_exceeded",
+                             headers={"Retry-After": str(DEFAULT_RETRY_AFTER)})
+            await error.response()(scope, receive, send)
+            return
+        try:
+            await self.app(scope, bounded, send)
+        finally:
+            self.admission.leave()
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised while a body is read; FastAPI hands HTTPExceptions from body reading on to the
+    app's exception handlers (anything else would become a 400)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413)
+        self.limit = limit
+
+
+def _body_too_large(limit: int) -> APIError:
+    # No "Connection: close": closing with the body still arriving resets the connection, and
+    # the client may lose the 413 with it. The server reads the rest and drops it (bounded
+    # memory: uvicorn buffers at most 64 KiB of a body the app does not read).
+    return APIError(413, f"the request body exceeds {limit} bytes "
+                    "(--max-request-body-bytes)", code="request_too_large")
+
+
+async def _answer_body_too_large(request: Request, exc: Exception) -> Response:
+    return _body_too_large(exc.limit).response()
+
+
+def _bounded_receive(receive: Receive, limit: int) -> Receive:
+    received = 0
+
+    async def bounded() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise _BodyTooLarge(limit)
+        return message
+
+    return bounded
 
 
 class _HTTPMetricsMiddleware:

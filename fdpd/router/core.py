@@ -30,6 +30,7 @@ from fdpd.pd.protocol import (
     Error,
     GrantExpired,
     Heartbeat,
+    Migrate,
     Register,
     RegisterAck,
     Reject,
@@ -44,6 +45,8 @@ from fdpd.router.registry import Instance, Registry
 from fdpd.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+# A request follows at most this many drains (each moves it to another instance).
+MAX_MIGRATIONS = 8
 
 
 @dataclass
@@ -113,8 +116,47 @@ class Inflight:
 class RouterStats:
     requests: Counter = field(default_factory=Counter)     # by mode: pd / mixed
     retries: int = 0
+    migrations: int = 0                  # requests resumed elsewhere after a drain
     failures: Counter = field(default_factory=Counter)     # by reason kind
     instance_deaths: int = 0
+
+
+@dataclass
+class Admission:
+    """The router's bound on what it holds (``--max-inflight-requests``,
+    ``--max-request-body-bytes``). The HTTP layer takes a seat for each generation request
+    before reading its body and gives it back when the response has ended (streams included);
+    with no seat free it answers 429 at once, without touching any instance. Under a burst
+    the router so keeps its memory and CPU for the requests it took, instead of queueing
+    the rest without bound. Used on the event loop only: no lock."""
+
+    limit: int
+    max_body_bytes: int
+    held: int = 0
+    peak: int = 0                        # most seats held at once since start
+    refused: int = 0
+
+    def enter(self) -> bool:
+        if self.held >= self.limit:
+            self.refused += 1
+            return False
+        self.held += 1
+        self.peak = max(self.peak, self.held)
+        return True
+
+    def leave(self) -> None:
+        self.held -= 1
+
+    def view(self) -> dict:
+        return {"held": self.held, "peak": self.peak, "limit": self.limit,
+                "refused": self.refused, "max_body_bytes": self.max_body_bytes}
+
+
+# A request body never needs more than this per token of context: a token id in a JSON list
+# takes at most 8 bytes with its separator; text averages ~4 bytes a token, and \u-escaped
+# non-ASCII text up to ~12.
+BODY_BYTES_PER_TOKEN = 16
+MIN_BODY_BYTES = 1 << 20
 
 
 class RouterCore:
@@ -135,6 +177,8 @@ class RouterCore:
         self.inflight: dict[str, Inflight] = {}           # by the attempt's wire id
         self._current: dict[str, str] = {}                # request id -> its current wire id
         self.stats = RouterStats()
+        self.admission = Admission(pd.max_inflight_requests, pd.max_request_body_bytes or max(
+            MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * max_model_len))
         self.epoch = new_epoch()
         self._seeds = random.Random()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -145,7 +189,7 @@ class RouterCore:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.transport = Transport("router", self.epoch, self.control_address,
-                                   on_message=self._from_io_thread)
+                                   on_message=self._from_io_thread, secret=self.pd.cluster_key)
         # Instances send tokens here: the bound port on a host name they can dial.
         self.control_address = advertised_address(self.transport.address, self.advertise_host)
         self._monitor = asyncio.create_task(self._watch_instances())
@@ -183,21 +227,33 @@ class RouterCore:
                         hashes) -> AsyncIterator[TokenDelta]:
         excluded: set[str] = set()
         last: Failure | None = None
-        for attempt in range(self.max_attempts):
-            if attempt:
+        # Every token the client got. When an instance drains (Migrate), the request goes on
+        # elsewhere from prompt + these tokens, so the client sees one continuous stream.
+        generated: list[int] = []
+        usage: tuple[int, int] | None = None       # (prompt, cached) of the first attempt
+        attempt = dispatches = migrations = 0
+        while attempt < self.max_attempts:
+            if attempt and not generated:
                 self.stats.retries += 1
             # Each attempt has its own id on the wire, so that late messages about an earlier
             # attempt (a woken prefill's Reject, its Abort to the decode) cannot touch this one.
-            wire_id = f"{request_id}/retry{attempt}" if attempt else request_id
-            flight = self._dispatch(wire_id, prompt_token_ids, params, seed, max_tokens,
-                                    deadline, hashes, excluded)
+            wire_id = f"{request_id}/retry{dispatches}" if dispatches else request_id
+            dispatches += 1
+            context = list(prompt_token_ids) + generated if generated else prompt_token_ids
+            flight = self._dispatch(wire_id, context, params, seed,
+                                    max_tokens - len(generated), deadline,
+                                    self.affinity.hashes(context) if generated else hashes,
+                                    excluded, num_output_tokens=len(generated))
             if flight is not None:
                 self._current[request_id] = wire_id
             if flight is None:
                 if last is None:
+                    if generated:
+                        raise StreamBroken("no instance left to resume the request on")
                     raise RouterError(503, "no_instances", "no healthy instance can serve "
                                       "this request right now", retry_after=1.0)
                 break
+            attempt += 1
             finished = False
             try:
                 while True:
@@ -215,6 +271,21 @@ class RouterCore:
                             raise StreamBroken("request deadline passed") from None
                         raise RouterError(504, "timeout", "the request did not complete "
                                           f"within {self.pd.request_timeout:.0f} s") from None
+                    if isinstance(event, Migrate):
+                        if event.num_output_tokens != len(generated):
+                            raise StreamBroken(f"cannot resume: the instance stopped after "
+                                               f"{event.num_output_tokens} tokens, the router "
+                                               f"has {len(generated)}")
+                        migrations += 1
+                        if migrations > MAX_MIGRATIONS:
+                            raise StreamBroken("request migrated too many times")
+                        self.stats.migrations += 1
+                        excluded.add(flight.decode.instance_id)
+                        attempt -= 1          # a drain is not a failed attempt
+                        last = Failure(event.reason, flight.decode.instance_id)
+                        log.info("resuming %s elsewhere after %d tokens (%s)", request_id,
+                                 len(generated), event.reason, extra={"request_id": request_id})
+                        break
                     if isinstance(event, Failure):
                         if flight.streamed:
                             raise StreamBroken(f"request failed mid-stream: {event.reason}")
@@ -226,11 +297,18 @@ class RouterCore:
                             excluded.add(event.origin)
                         break
                     flight.streamed = True
+                    if usage is None:
+                        usage = (event.num_prompt_tokens, event.num_cached_tokens)
+                    elif generated:
+                        # A resumed attempt reports its context as cached: usage stays the
+                        # first attempt's.
+                        event.num_prompt_tokens, event.num_cached_tokens = usage
+                    generated.extend(event.token_ids)
                     if event.finished:
                         event.route = Route(
                             "pd" if flight.prefill else "mixed",
                             flight.prefill.instance_id if flight.prefill else None,
-                            flight.decode.instance_id, attempt + 1, flight.dispatched_at)
+                            flight.decode.instance_id, dispatches, flight.dispatched_at)
                     yield event
                     if event.finished:
                         finished = True
@@ -240,20 +318,22 @@ class RouterCore:
             if last is not None and last.retry_after and time.monotonic() < deadline:
                 await asyncio.sleep(min(last.retry_after, max(0.0, deadline - time.monotonic())))
         self.stats.failures[_kind(last.reason)] += 1
+        if generated:
+            raise StreamBroken(f"could not resume the request: {last.reason}")
         raise RouterError(503, "unavailable", f"request failed after {self.max_attempts} "
                           f"attempts: {last.reason}", retry_after=max(1.0, last.retry_after))
 
     def _dispatch(self, request_id, prompt, params, seed, max_tokens, deadline, hashes,
-                  excluded) -> Inflight | None:
+                  excluded, num_output_tokens: int = 0) -> Inflight | None:
         reg = self.registry
-        prefills = [i for i in reg.healthy("prefill") if i.instance_id not in excluded]
-        decodes = [i for i in reg.healthy("decode") if i.instance_id not in excluded]
+        prefills = [i for i in reg.routable("prefill") if i.instance_id not in excluded]
+        decodes = [i for i in reg.routable("decode") if i.instance_id not in excluded]
         p = policy.choose_prefill(prefills, hashes, self.affinity)
         d = policy.choose_decode(decodes)
         if p is not None and d is not None:
             mode, first, second = "pd", p, d
         else:
-            mixed = [i for i in reg.healthy("mixed") if i.instance_id not in excluded]
+            mixed = [i for i in reg.routable("mixed") if i.instance_id not in excluded]
             m = policy.choose_mixed(mixed, hashes, self.affinity)
             if m is None:
                 return None
@@ -273,7 +353,8 @@ class RouterCore:
             request_id, list(prompt), params.to_dict(), seed, max_tokens,
             self.control_address, max(0.0, deadline - time.monotonic()),
             decode_id=second.instance_id if first else "",
-            decode_address=second.address if first else ""))
+            decode_address=second.address if first else "",
+            num_output_tokens=num_output_tokens))
         return flight
 
     def _end(self, flight: Inflight, abort: bool) -> None:
@@ -325,6 +406,10 @@ class RouterCore:
             log.info("register %s (%s at %s, epoch %d): %s", msg.instance_id, msg.role,
                      msg.address, env.epoch, "ok" if ok else why)
             self._send(msg.address, RegisterAck(ok, why))
+        elif isinstance(msg, Migrate):
+            flight = self.inflight.get(msg.req_id)
+            if flight is not None:
+                flight.queue.put_nowait(msg)
         elif isinstance(msg, SubmitAck):
             flight = self.inflight.get(msg.req_id)
             if flight is not None:
@@ -376,8 +461,15 @@ class RouterCore:
 
     def cluster(self) -> dict:
         return {"router": {"epoch": self.epoch, "control_address": self.control_address,
-                           "inflight": len(self.inflight), "retries": self.stats.retries},
+                           "inflight": len(self.inflight), "retries": self.stats.retries,
+                           "migrations": self.stats.migrations,
+                           "admission": self.admission.view(),
+                           "authenticated": self.pd.cluster_key is not None,
+                           "transport": self._transport_view()},
                 "instances": [i.view() for i in self.registry.instances.values()]}
+
+    def _transport_view(self) -> dict[str, int]:
+        return self.transport.stats.view() if self.transport else {}
 
     def metrics(self) -> str:
         """The cluster view as Prometheus text: every instance's load report from its last
@@ -391,6 +483,9 @@ class RouterCore:
             who = {"instance": inst.instance_id, "role": inst.role}
             healthy.set(int(inst.healthy), **who)
             loads.append((who, inst.load))
+        # The router's own transport counters, beside the instances' (same series).
+        loads.append(({"instance": "router", "role": "router"},
+                      {"transport": self._transport_view()}))
         render_loads(reg, loads, labels, summaries=True)
         routed = reg.counter("fdpd:router_requests_total", "Requests dispatched, by mode.",
                              ("mode",))
@@ -398,10 +493,16 @@ class RouterCore:
             routed.inc(n, mode=mode)
         reg.counter("fdpd:router_retries_total", "Requests retried on another pair.").inc(
             self.stats.retries)
+        reg.counter("fdpd:router_migrations_total", "Requests resumed on another instance "
+                    "after theirs drained.").inc(self.stats.migrations)
         reg.counter("fdpd:router_instance_deaths_total", "Instances marked dead.").inc(
             self.stats.instance_deaths)
         reg.gauge("fdpd:router_requests_inflight", "Requests the router is waiting on.").set(
             len(self.inflight))
+        reg.gauge("fdpd:router_requests_held", "Generation requests holding an admission seat "
+                  "(--max-inflight-requests).").set(self.admission.held)
+        reg.counter("fdpd:router_requests_refused_total", "Generation requests answered 429: "
+                    "no admission seat free.").inc(self.admission.refused)
         return reg.render()
 
 

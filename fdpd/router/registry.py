@@ -43,7 +43,7 @@ class Instance:
             "running", "waiting", "free_blocks", "kv_usage", "num_preemptions",
             "num_restored_tokens", "num_recomputed_tokens", "num_computed_prompt_tokens",
             "prefix_queried_tokens", "prefix_hit_tokens", "kv_store", "num_restores",
-            "metrics_address") if k in load})
+            "metrics_address", "draining", "migrated") if k in load})
         # Fault counters: malformed/stale messages, handler bugs, dropped KV.
         out.update({k: load[k] for k in ("transport", "unexpected_messages", "handler_errors",
                                          "kv_dropped", "transfer_failures") if k in load})
@@ -106,6 +106,11 @@ class Registry:
 
     def healthy(self, role: str) -> list[Instance]:
         return [i for i in self.instances.values() if i.healthy and i.role == role]
+
+    def routable(self, role: str) -> list[Instance]:
+        """Healthy instances that take new requests (not draining)."""
+        return [i for i in self.instances.values()
+                if i.healthy and i.role == role and not i.load.get("draining")]
 
     def get(self, instance_id: str) -> Instance | None:
         return self.instances.get(instance_id)

@@ -250,13 +250,18 @@ class Cluster:
     def resume(self, instance: ClusterProcess) -> None:
         instance.signal(signal.SIGCONT)
 
-    def restart(self, instance: ClusterProcess, timeout: float | None = None) -> dict:
+    def restart(self, instance: ClusterProcess, timeout: float | None = None,
+                env: Mapping[str, str] | None = None) -> dict:
         """Start ``instance`` again (killing it first if it still runs) with the same command
-        line; return its ``/v1/cluster`` entry once it registered with a new epoch."""
+        line; return its ``/v1/cluster`` entry once it registered with a new epoch. ``env``
+        replaces the extra environment of this and later incarnations (e.g. ``{}`` or
+        ``{"FDPD_FAULT_POINTS": ...}``, see ``fdpd.faults``); None keeps it."""
         old = self.view(instance)
         old_epoch = old["epoch"] if old else None
         if instance.alive:
             self.kill(instance)
+        if env is not None:
+            instance.env = {**self._env, **env}
         instance.start()
 
         def registered() -> dict | None:
@@ -267,6 +272,35 @@ class Cluster:
 
         return self.wait_for(registered, timeout or self.startup_timeout,
                              what=f"{instance.name} registered again with a new epoch")
+
+    def restart_router(self, timeout: float | None = None) -> dict:
+        """Start the router again (SIGKILLing it first if it still runs) on the same HTTP and
+        control ports, so that running instances find it and register again; return
+        ``/v1/cluster`` once every live, unstopped instance is registered and reporting."""
+        if self.router.alive:
+            self.router.signal(signal.SIGKILL)
+            if self.router.wait(self.stop_timeout) is None:
+                raise self.error("the router did not exit after SIGKILL")
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+        self.router.start()
+        if not self._wait_router_up():
+            raise self.error("the restarted router exited (its ports taken by another "
+                             "program?)")
+        timeout = timeout or self.startup_timeout
+
+        def rejoined() -> dict | None:
+            if not self._http_ok("/v1/cluster"):
+                return None
+            cluster = self.cluster()
+            views = {v["instance_id"]: v for v in cluster["instances"]}
+            live = [p for p in self.processes if p.alive and not p.stopped]
+            return cluster if all(p.name in views and _reporting(views[p.name])
+                                  for p in live) else None
+
+        return self.wait_for(rejoined, timeout, what="every instance registered with the "
+                             "restarted router")
 
     def _http_ok(self, path: str) -> bool:
         try:
@@ -301,7 +335,7 @@ class Cluster:
         running or waiting, every block free, and on decodes no grant, reservation or queued
         allocation. Raises ClusterError naming what is left otherwise."""
         start = time.monotonic()
-        live = [p for p in self.processes if p.alive and not p.paused]
+        live = [p for p in self.processes if p.alive and not p.paused and not p.stopped]
         problems: list[str] = []
 
         def idle() -> bool:

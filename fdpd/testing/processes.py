@@ -133,6 +133,18 @@ class ClusterProcess:
         self.exit_codes.append(code)
         return code, killed
 
+    @property
+    def stopped(self) -> bool:
+        """Stopped by a signal right now (state ``T`` in /proc/PID/stat): SIGSTOP from a test,
+        or a fault point's ``stop`` action (``fdpd.faults``), which ``paused`` does not see."""
+        if not self.alive:
+            return False
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat.rpartition(")")[2].split()[0] == "T"
+
     def group_gone(self) -> bool:
         if self.proc is None:
             return True

@@ -7,7 +7,7 @@ import pytest
 from fdpd.engine.block_manager import BlockManager, compute_block_hashes
 from fdpd.engine.request import Request
 from fdpd.engine.scheduler import Scheduler
-from fdpd.pd.ledger import GrantState, ReservationLedger
+from fdpd.pd.ledger import GrantState, QueueFull, ReservationLedger
 from fdpd.pd.protocol import AllocRequest
 from fdpd.sampling_params import SamplingParams
 
@@ -115,6 +115,29 @@ def test_waiting_alloc_times_out_into_a_reject(setup):
     assert granted == [] and [p.msg.req_id for p in timed_out] == ["late"]
     assert ledger.counters["rejected"] == 1
     ledger.release(big.grant_id)
+
+
+def test_waiting_queue_is_bounded(setup):
+    _, sched, bm, clock = setup
+    ledger = ReservationLedger(sched, horizon=8, grant_ttl=5.0, max_pending_allocs=2,
+                               clock=clock)
+    big = offer(ledger, alloc("big", range(60), 8))          # all 17 blocks of headroom
+    assert offer(ledger, alloc("w1", range(300, 330), 8)) is None
+    assert offer(ledger, alloc("w2", [5], 1)) is None
+    with pytest.raises(QueueFull, match=r"decode queue is full \(2 requests wait"):
+        offer(ledger, alloc("w3", [6], 1))
+    assert [p.msg.req_id for p in ledger.waiting_allocs] == ["w1", "w2"]
+    assert ledger.counters["refused_queue_full"] == 1 and ledger.counters["deferred"] == 2
+    # Room comes back: the queue drains in order and takes new requests again.
+    ledger.release(big.grant_id)
+    granted, timed_out = ledger.retry_waiting()
+    assert [g.req_id for g in granted] == ["w1", "w2"] and timed_out == []
+    w3 = offer(ledger, alloc("w3", [6], 1))
+    assert w3 is not None
+    for g in (*granted, w3):
+        ledger.release(g.grant_id)
+    ledger.check()
+    assert ledger.is_quiescent()
 
 
 def test_never_fitting_request_is_refused_at_once(setup):
