@@ -155,10 +155,11 @@ class PDConfig:
                                               "larger one gets 413 without being read "
                                               "(default: 16 bytes per token of --max-model-len,"
                                               " at least 1 MiB).")
-    max_queued_requests: int = _opt(256, "Prefill/mixed: most requests waiting in the "
-                                    "scheduler; decode: most grant requests queued for room. "
-                                    "Past it a new request is refused (the router retries it "
-                                    "elsewhere or answers 503 with Retry-After).")
+    max_queued_requests: int = _opt(256, "Most requests queued on an instance: prefill: not "
+                                    "yet prefilled; mixed: waiting to start; decode: grant "
+                                    "requests waiting for room. Past it a new one is refused "
+                                    "(the router retries it elsewhere or answers 503 with "
+                                    "Retry-After).")
 
     def __post_init__(self) -> None:
         if not isinstance(self.reserve_tokens, int) or self.reserve_tokens < 0:

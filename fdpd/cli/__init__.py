@@ -228,7 +228,8 @@ class _LazyBenchGroup(click.Group):
 
     _COMMANDS = {"engine": "fdpd.bench.engine", "transfer": "fdpd.bench.transfer",
                  "restore": "fdpd.bench.restore", "serve": "fdpd.bench.serve",
-                 "compare": "fdpd.bench.compare", "slo-table": "fdpd.bench.slo_table"}
+                 "compare": "fdpd.bench.compare", "slo-table": "fdpd.bench.slo_table",
+                 "overload": "fdpd.bench.overload"}
 
     def list_commands(self, ctx):
         return sorted(self._COMMANDS)

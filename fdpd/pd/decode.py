@@ -247,6 +247,7 @@ class DecodeService(InstanceService):
 
     def on_abort(self, inbound: Inbound) -> None:
         msg: Abort = inbound.msg
+        self.allocs.add(msg.req_id)         # an AllocRequest it overtook must get no grant
         self.engine.abort_request(msg.req_id)
         self.streams.pop(msg.req_id, None)
         g = self.ledger.grant_for(msg.req_id)

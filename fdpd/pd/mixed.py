@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fdpd.engine.engine import RequestError, StepOutput
 from fdpd.pd.protocol import Abort, Submit, SubmitAck
-from fdpd.pd.service import InstanceService, Stream
+from fdpd.pd.service import InstanceService, RecentIds, Stream
 from fdpd.pd.transport import Inbound
 
 
@@ -14,9 +14,14 @@ class MixedService(InstanceService):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.handlers[Submit] = self.on_submit
+        self.submits = RecentIds()
+        self.counters["duplicates"] = 0
 
     def on_submit(self, inbound: Inbound) -> None:
         msg: Submit = inbound.msg
+        if not self.submits.add(msg.req_id):
+            self.counters["duplicates"] += 1        # its first copy got the one reply
+            return
         if self.draining:
             self.reject(msg.reply_to, msg.req_id, "instance is draining")
             return
@@ -52,5 +57,6 @@ class MixedService(InstanceService):
 
     def on_abort(self, inbound: Inbound) -> None:
         msg: Abort = inbound.msg
+        self.submits.add(msg.req_id)        # a Submit it overtook must not start the request
         self.engine.abort_request(msg.req_id)
         self.streams.pop(msg.req_id, None)

@@ -4,7 +4,8 @@ Per request: Submit (from the router) -> AllocRequest to the chosen decode, and 
 computed at once, without waiting for the grant. When both the grant and the first token are
 there, the KV of the blocks decode does not already hold is gathered once into a staging buffer,
 P's blocks are released (they stay in P's prefix cache), and the frames go out with
-``PrefillDone``. Every wait has a deadline; a refusal from decode goes back to the router.
+``PrefillDone``. Every wait has a deadline; a refusal from decode goes back to the router. A
+duplicated Submit or Grant acts once; a Submit that an Abort overtook starts nothing.
 """
 
 from __future__ import annotations
@@ -73,12 +74,14 @@ class PrefillService(InstanceService):
         if self.draining:
             self.reject(msg.reply_to, msg.req_id, "prefill is draining")
             return
-        waiting = len(self.engine.scheduler.waiting)
-        if waiting >= self.pd.max_queued_requests:
-            # Bounded queue: refuse now (the router tries another prefill or answers 503)
-            # rather than let the wait, and the memory, grow with the burst.
-            self.reject(msg.reply_to, msg.req_id, f"prefill queue is full ({waiting} requests "
-                        "waiting, --max-queued-requests)", retry_after=1.0)
+        # Bounded queue: refuse now (the router tries another prefill or answers 503) rather
+        # than let the wait, and the memory, grow with the burst. Every request the scheduler
+        # holds here is queued work: one leaves it once its prompt is computed, and "running"
+        # only means its chunks are next in line (up to --max-num-seqs of them).
+        queued = len(self.engine.scheduler.requests)
+        if queued >= self.pd.max_queued_requests:
+            self.reject(msg.reply_to, msg.req_id, f"prefill queue is full ({queued} requests "
+                        "not yet prefilled, --max-queued-requests)", retry_after=1.0)
             return
         if not msg.decode_address:
             self.reject(msg.reply_to, msg.req_id, "a prefill instance needs a decode instance")
@@ -214,6 +217,7 @@ class PrefillService(InstanceService):
 
     def on_abort(self, inbound: Inbound) -> None:
         msg: Abort = inbound.msg
+        self.submits.add(msg.req_id)        # a Submit it overtook must not start the request
         job = self.jobs.pop(msg.req_id, None)
         if job is None:
             return

@@ -287,8 +287,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 
 # ---------------------------------------------------------------------- field contents
 # Beyond a field's type, what every handler would otherwise have to re-check: the elements of
-# lists that services compute with (block ids, KV shapes, token ids and logprobs sent to the
-# router; prompts are checked by ``Engine.make_request``), addresses that services send to
+# lists that services compute with (token ids, block ids, KV shapes, logprobs; whether a token
+# id is in the vocabulary is the engine's check), addresses that services send to
 # (libzmq refuses a malformed endpoint with an exception in the sender's IO thread), and
 # durations that become deadlines (a NaN deadline never passes, so its state would never end).
 _ENDPOINT = re.compile(r"tcp://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})")
@@ -323,11 +323,13 @@ _CONTENTS: dict[tuple[str, str], tuple[Any, str]] = {
     ("register", "address"): _ADDRESS,
     ("heartbeat", "load"): (lambda load: "address" not in load or _is_endpoint(load["address"]),
                             "a map whose address is tcp://HOST:PORT"),
+    ("submit", "prompt_token_ids"): (_all_ints, "a list of integers"),
     ("submit", "reply_to"): _ADDRESS,
     ("submit", "decode_address"): (lambda a: a == "" or _is_endpoint(a),
                                    "'' or a tcp://HOST:PORT address"),
     ("submit", "timeout_s"): _DURATION,
     ("reject", "retry_after"): _DURATION,
+    ("alloc_request", "prompt_token_ids"): (_all_ints, "a list of integers"),
     ("alloc_request", "reply_to"): _ADDRESS,
     ("alloc_request", "router_reply_to"): _ADDRESS,
     ("alloc_request", "timeout_s"): _DURATION,

@@ -384,7 +384,7 @@ class RecentIds:
     network or proxy duplicate, possibly late) after the state its first copy created is gone
     (a request shipped, a grant committed). Bounded memory, O(1) per id."""
 
-    def __init__(self, capacity: int = 65536):
+    def __init__(self, capacity: int = 16384):
         self.capacity = capacity
         self._ids: OrderedDict[str, None] = OrderedDict()
 

@@ -101,6 +101,12 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest,
                            tokenizer)
     except ChatTemplateError as exc:
         raise bad_request(str(exc), "messages") from None
+    except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as exc:
+        # A template computing on fields it does not check (``for call in m.tool_calls`` with
+        # tool_calls a number): the messages do not fit this model's template, as vLLM says.
+        raise bad_request(f"the model's chat template failed on these messages: "
+                          f"{type(exc).__name__}: {exc}", "messages") from None
+    serving.check_text(text, "messages")
     prompt_ids = encode_chat_prompt(text, tokenizer)
     serving.check_prompt_ids(prompt_ids, tokenizer, "messages")
     params = serving.fit_to_context(params, len(prompt_ids), core.max_model_len,

@@ -91,6 +91,7 @@ async def create_completion(request: Request, body: CompletionRequest, ctx: Any)
         if tokenizer is None:
             raise bad_request("this model has no tokenizer; send the prompt as a list of token "
                               "ids", "prompt")
+        serving.check_text(prompt, "prompt")
         prompt_ids = tokenizer.encode(prompt)
     else:
         prompt_ids = prompt

@@ -309,9 +309,11 @@ class RouterCore:
                             "pd" if flight.prefill else "mixed",
                             flight.prefill.instance_id if flight.prefill else None,
                             flight.decode.instance_id, dispatches, flight.dispatched_at)
+                    # Before the yield: the caller closes this generator at the yield of the
+                    # last delta, and a finished request needs no Abort.
+                    finished = event.finished
                     yield event
-                    if event.finished:
-                        finished = True
+                    if finished:
                         return
             finally:
                 self._end(flight, abort=not finished)
@@ -320,8 +322,9 @@ class RouterCore:
         self.stats.failures[_kind(last.reason)] += 1
         if generated:
             raise StreamBroken(f"could not resume the request: {last.reason}")
-        raise RouterError(503, "unavailable", f"request failed after {self.max_attempts} "
-                          f"attempts: {last.reason}", retry_after=max(1.0, last.retry_after))
+        raise RouterError(503, "unavailable", f"request failed after {attempt} "
+                          f"attempt{'s' if attempt != 1 else ''}: {last.reason}",
+                          retry_after=max(1.0, last.retry_after))
 
     def _dispatch(self, request_id, prompt, params, seed, max_tokens, deadline, hashes,
                   excluded, num_output_tokens: int = 0) -> Inflight | None:
@@ -402,10 +405,16 @@ class RouterCore:
                 if isinstance(address, str) and address:
                     self._send(address, RegisterAck(False, "unknown instance: register again"))
         elif isinstance(msg, Register):
+            old = self.registry.get(msg.instance_id)
             ok, why = self.registry.register(msg, env.epoch)
             log.info("register %s (%s at %s, epoch %d): %s", msg.instance_id, msg.role,
                      msg.address, env.epoch, "ok" if ok else why)
             self._send(msg.address, RegisterAck(ok, why))
+            if ok and old is not None and old.healthy and old.epoch != env.epoch:
+                # A new incarnation: what the old one held is gone, even when it came back
+                # before the liveness timeout noticed (else its streams waited for their
+                # deadline; found by the chaos suite).
+                self._instance_lost(old, f"instance {old.instance_id} restarted")
         elif isinstance(msg, Migrate):
             flight = self.inflight.get(msg.req_id)
             if flight is not None:
@@ -438,18 +447,47 @@ class RouterCore:
             flight.queue.put_nowait(failure)
 
     async def _watch_instances(self) -> None:
+        last = time.monotonic()
         while True:
             await asyncio.sleep(self.pd.heartbeat_interval)
+            now = time.monotonic()
+            stalled, last = now - last - self.pd.heartbeat_interval, now
+            if stalled > self.pd.heartbeat_interval:
+                # This loop itself did not run (the router was stopped or starved): heartbeats
+                # sent meanwhile still wait behind this timer, so the gap is nobody's silence
+                # and does not count towards the liveness timeout. Without this, a router
+                # paused past that timeout declared every instance dead on waking and failed
+                # their healthy streams (found by the chaos suite).
+                for inst in self.registry.instances.values():
+                    inst.last_seen += stalled
+            else:                       # (after a stall, answers may wait behind this timer)
+                self._fail_unacknowledged(now)
             for inst in self.registry.expire():
                 self.stats.instance_deaths += 1
                 log.warning("instance %s (%s) stopped heartbeating; marked dead",
                             inst.instance_id, inst.role)
-                for flight in list(self.inflight.values()):
-                    involved = (flight.decode is inst
-                                or (flight.prefill is inst and not flight.streamed))
-                    if involved:
-                        flight.queue.put_nowait(Failure(f"instance {inst.instance_id} died",
-                                                        inst.instance_id))
+                self._instance_lost(inst, f"instance {inst.instance_id} died")
+
+    def _instance_lost(self, inst: Instance, reason: str) -> None:
+        """Fail every attempt ``inst`` holds state for (a prefill only until the first
+        token: after that the decode has the request)."""
+        for flight in list(self.inflight.values()):
+            if flight.decode is inst or (flight.prefill is inst and not flight.streamed):
+                flight.queue.put_nowait(Failure(reason, inst.instance_id))
+
+    def _fail_unacknowledged(self, now: float) -> None:
+        """A Submit is answered at once (SubmitAck or Reject). No answer and no token within
+        the transfer timeout: the Submit or its answer was lost, and the attempt fails (the
+        retry avoids that instance) instead of waiting for the request's deadline."""
+        for flight in list(self.inflight.values()):
+            if (flight.acked or flight.streamed
+                    or now - flight.dispatched_at < self.pd.transfer_timeout):
+                continue
+            flight.acked = True                 # fail it once
+            target = flight.prefill or flight.decode
+            flight.queue.put_nowait(Failure(f"{target.instance_id} did not acknowledge the "
+                                            f"request in {self.pd.transfer_timeout:g} s",
+                                            target.instance_id))
 
     # ------------------------------------------------------------------ surfaces
     def healthy(self) -> tuple[bool, str]:

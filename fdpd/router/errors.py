@@ -43,7 +43,15 @@ class APIError(Exception):
         return error_body(self.message, self.error_type, self.param, self.code)
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+        return ErrorResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class ErrorResponse(JSONResponse):
+    """An error body as ASCII JSON: messages quote what the client sent, and a lone surrogate
+    (valid in a JSON string, not in UTF-8) must not turn the 4xx into a failed 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
 
 
 def error_type_for(status: int) -> str:
@@ -133,3 +141,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             detail = f"no route {request.method} {request.url.path}"
         return APIError(exc.status_code, detail, headers=getattr(exc, "headers", None)).response()
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        # Last resort (Starlette still logs the traceback): even a bug answers OpenAI-style.
+        return internal_error().response()

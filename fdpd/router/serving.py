@@ -85,14 +85,39 @@ def token_text(tokenizer: Tokenizer | None, token_id: int) -> str:
 
 
 # ---------------------------------------------------------------------- checking a request
+# Integers travel to the instances as msgpack (64 bits): a larger one in a request is a 400
+# here, not an encoding failure inside the core after it took the request.
+WIRE_INT_LIMIT = 2**63
+
+
 def sampling_params(build: Any, *args: Any, rename: dict[str, str] | None = None
                     ) -> SamplingParams:
     """``build(*args)``, with a bad value turned into a 400 that names the field (as the client
     called it: ``rename`` maps SamplingParams names to request names)."""
+    rename = rename or {}
     try:
-        return build(*args)
+        params = build(*args)
     except SamplingParamsError as exc:
-        raise bad_request(str(exc), (rename or {}).get(exc.field, exc.field)) from None
+        raise bad_request(str(exc), rename.get(exc.field, exc.field)) from None
+    # What SamplingParams accepts but the wire cannot carry: huge ints, lone surrogates.
+    for name, value in params.to_dict().items():
+        param = rename.get(name, name)
+        for item in value if isinstance(value, list) else (value,):
+            if isinstance(item, str):
+                check_text(item, param)
+            elif isinstance(item, int) and not -WIRE_INT_LIMIT <= item < WIRE_INT_LIMIT:
+                raise bad_request(f"{param}: {item} is out of range (|value| < 2**63)", param)
+    return params
+
+
+def check_text(text: str, param: str) -> None:
+    """A 400 for text that is not valid Unicode: a JSON string may hold a lone surrogate
+    (``"\\ud800"``), which UTF-8 (the tokenizer, the wire) cannot encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_request(f"{param} is not valid Unicode: it contains the lone surrogate "
+                          f"{text[exc.start]!r}", param) from None
 
 
 def fit_to_context(params: SamplingParams, prompt_len: int, max_model_len: int,
@@ -114,11 +139,13 @@ def fit_to_context(params: SamplingParams, prompt_len: int, max_model_len: int,
 def check_prompt_ids(ids: list[int], tokenizer: Tokenizer | None, param: str = "prompt") -> None:
     if not ids:
         raise bad_request(f"{param} is empty", param)
-    if tokenizer is not None:
-        bad = next((t for t in ids if t >= tokenizer.vocab_size), None)
-        if bad is not None:
-            raise bad_request(f"token id {bad} is outside the vocabulary "
-                              f"[0, {tokenizer.vocab_size})", param)
+    # Without a tokenizer the instances check the vocabulary; ids must still fit the wire.
+    limit = tokenizer.vocab_size if tokenizer is not None else WIRE_INT_LIMIT
+    bad = next((t for t in ids if t >= limit), None)
+    if bad is not None:
+        raise bad_request(f"token id {bad} is outside the vocabulary [0, {limit})"
+                          if tokenizer is not None else
+                          f"token id {bad} is out of range (< 2**63)", param)
 
 
 def check_text_needs(params: SamplingParams, tokenizer: Tokenizer | None) -> None:

@@ -118,20 +118,20 @@ def random_scenario(seed: int) -> Scenario:
     moment = rng.choice([*TARGET_POINTS[target], DELAY, TOKENS])
     hit = {"decode.step": rng.randint(5, 120), TOKENS: rng.randint(20, 600)}.get(
         moment, rng.randint(1, 3))
-    return Scenario(target, fault, moment, hit, delay=round(rng.uniform(0.1, 2.5), 2),
+    return Scenario(target, fault, moment, hit, delay=round(rng.uniform(0.1, 1.5), 2),
                     pause=round(rng.uniform(0.3, 4.0), 2), instance=rng.randrange(2),
                     seed=seed, num_requests=rng.randint(12, 24))
 
 
 # Each target at each kind of moment once (the CI short mode).
 CHOSEN = (
-    Scenario("prefill", "kill", "prefill.await_grant", 2, seed=101),
-    Scenario("prefill", "stop-kill", "prefill.kv_send", 2, pause=2.5, seed=102),
-    Scenario("decode", "kill", "decode.step", 40, pause=1.0, seed=103),
-    Scenario("decode", "stop-cont", "decode.step", 40, pause=3.0, seed=104),
-    Scenario("store", "kill", "kvstore.write", 1, pause=1.5, seed=105),
-    Scenario("store", "stop-cont", "kvstore.restore", 1, pause=1.5, seed=106),
-    Scenario("router", "kill", TOKENS, 150, pause=0.5, seed=107),
+    Scenario("prefill", "kill", "prefill.await_grant", 2, pause=0.5, seed=101),
+    Scenario("prefill", "stop-kill", "prefill.kv_send", 2, pause=1.0, seed=102),
+    Scenario("decode", "kill", "decode.step", 40, pause=0.5, seed=103),
+    Scenario("decode", "stop-cont", "decode.step", 40, pause=2.5, seed=104),
+    Scenario("store", "kill", "kvstore.write", 1, pause=1.0, seed=105),
+    Scenario("store", "stop-cont", "kvstore.restore", 1, pause=1.0, seed=106),
+    Scenario("router", "kill", TOKENS, 150, pause=0.3, seed=107),
 )
 
 
@@ -262,6 +262,7 @@ class RunResult:
     survivors_serve: bool = False
     rejoined: bool | None = None   # None: nothing was restarted
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)    # where the run's time went
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -275,7 +276,20 @@ class RunResult:
                 f"exact={self.exact} clean_errors={self.clean_errors} hung={self.hung} "
                 f"wrong={self.wrong} leaked={self.leaked_blocks} nan={self.nan} "
                 f"serve={self.survivors_serve} rejoined={self.rejoined} "
-                f"{self.seconds:.1f}s" + "".join(f"\n    {p}" for p in self.problems))
+                f"{self.seconds:.1f}s ("
+                + ", ".join(f"{k} {v:.1f}" for k, v in self.phases.items()) + ")"
+                + "".join(f"\n    {p}" for p in self.problems))
+
+
+class _Stopwatch:
+    def __init__(self, phases: dict[str, float]):
+        self.phases = phases
+        self.last = time.monotonic()
+
+    def __call__(self, phase: str) -> None:
+        now = time.monotonic()
+        self.phases[phase] = now - self.last
+        self.last = now
 
 
 @dataclass
@@ -359,10 +373,12 @@ class ChaosRunner:
         cluster = self.cluster
         host = self._host(sc)
         clean_env = {FAULT_ENV: ""}
+        mark = _Stopwatch(res.phases)
         if sc.at_point:
             action = "kill" if sc.fault == "kill" and sc.target != "store" else "stop"
             cluster.restart(host, env={FAULT_ENV: format_spec([Fault(sc.moment, sc.hit,
                                                                       action)])})
+        mark("arm")
         load = make_load(sc.seed, sc.num_requests)
         res.sent = len(load)
         with httpx.Client(base_url=cluster.base_url, timeout=REQUEST_TIMEOUT + CLIENT_MARGIN,
@@ -370,18 +386,24 @@ class ChaosRunner:
             outcomes, threads = self._send(client, load)
             started = time.monotonic()
             res.applied = self._await_moment(sc, host, outcomes, started)
+            mark("moment")
             if res.applied:
                 res.rejoined = self._apply(sc, host)
+                mark("fault")
             elif sc.at_point:
                 cluster.restart(host, env=clean_env)      # disarm: it must not fire later
             end = started + REQUEST_TIMEOUT + CLIENT_MARGIN
             for t in threads:
                 t.join(max(0.0, end - time.monotonic()))
+            mark("load")
         if sc.at_point and res.applied and host.alive:
             host.env = {**host.env, **clean_env}          # spent: later restarts are clean
         self._classify(sc, res, outcomes, started)
+        mark("exact")
         self._check_quiescent(res)
+        mark("quiesce")
         res.survivors_serve = self._check_serving(res)
+        mark("serve")
 
     def _send(self, client: httpx.Client, load: list[LoadRequest]
               ) -> tuple[list[Outcome], list[threading.Thread]]:

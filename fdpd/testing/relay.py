@@ -33,7 +33,7 @@ from fdpd.pd.protocol import MESSAGE_TYPES, ProtocolError, decode
 
 log = logging.getLogger(__name__)
 
-ACTIONS = ("forwarded", "dropped", "duplicated", "delayed", "reordered")
+ACTIONS = ("forwarded", "dropped", "duplicated", "delayed", "reordered", "overflowed")
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ class FaultRelay:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
-        self._ctx.term()
+        self._ctx.destroy(linger=0)
 
     def __enter__(self) -> FaultRelay:
         return self
@@ -176,77 +176,58 @@ class FaultRelay:
         self.close()
 
     # ------------------------------------------------------------------ the IO thread
+    # Only the IO thread touches the sockets and the schedule: ``_dealers`` (source connection
+    # -> its DEALER to the backend), ``_timers`` (a heap of delayed and duplicated messages:
+    # due, order, source, frames) and ``_held`` (per source, the message being reordered).
     def _run(self) -> None:
+        front = self._socket(zmq.ROUTER)
         try:
-            front = self._socket(zmq.ROUTER)
             front.bind(self._bind)
             self.address = front.getsockopt_string(zmq.LAST_ENDPOINT)
         except BaseException as e:          # surfaced to the constructor
+            front.close(0)
             self._error = e
             self._ready.set()
             return
         self._ready.set()
-        poller = zmq.Poller()
-        poller.register(front, zmq.POLLIN)
-        dealers: dict[bytes, zmq.Socket] = {}             # source connection -> to backend
-        sources: dict[zmq.Socket, bytes] = {}
-        timers: list[tuple[float, int, bytes, list[bytes]]] = []    # (due, n, source, parts)
-        held: dict[bytes, tuple[float, list[bytes]]] = {}           # reordered, per source
-        order = itertools.count()
-
-        def send(source: bytes, parts: list[bytes]) -> None:
-            sock = dealers.get(source)
-            if sock is None:
-                sock = dealers[source] = self._socket(zmq.DEALER)
-                sock.connect(self.backend)
-                sources[sock] = source
-                poller.register(sock, zmq.POLLIN)
-            try:
-                sock.send_multipart(parts, zmq.NOBLOCK)
-            except zmq.Again:
-                log.warning("relay %s: backend queue full; message lost", self.name)
-            # A held message goes right after the next one from its source: reordered.
-            if source in held:
-                sock.send_multipart(held.pop(source)[1], zmq.NOBLOCK)
-
+        self._poller = zmq.Poller()
+        self._poller.register(front, zmq.POLLIN)
+        self._dealers: dict[bytes, zmq.Socket] = {}
+        self._sources: dict[zmq.Socket, bytes] = {}
+        self._timers: list[tuple[float, int, bytes, list[bytes]]] = []
+        self._held: dict[bytes, tuple[float, list[bytes]]] = {}
+        self._order = itertools.count()
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
-                dues = [d for d, _ in held.values()]
-                if timers:
-                    dues.append(timers[0][0])
-                due = min(dues, default=now + 0.05)
-                for sock, _ in poller.poll(max(0, min(50, int((due - now) * 1000) + 1))):
+                dues = [due for due, _ in self._held.values()]
+                if self._timers:
+                    dues.append(self._timers[0][0])
+                wait_ms = int((min(dues, default=now + 0.05) - now) * 1000) + 1
+                for sock, _ in self._poller.poll(max(0, min(50, wait_ms))):
                     for _ in range(256):
                         try:
                             parts = sock.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
                         if sock is front:
-                            self._on_message(parts[0], parts[1:], send, timers, held, order)
-                        else:
-                            front.send_multipart([sources[sock], *parts], zmq.NOBLOCK)
+                            self._on_message(parts[0], parts[1:])
+                        else:               # the backend answered on a source's connection
+                            self._push(front, [self._sources[sock], *parts])
                 now = time.monotonic()
-                while timers and timers[0][0] <= now:
-                    _, _, source, parts = heapq.heappop(timers)
-                    send(source, parts)
-                for source in [s for s, (d, _) in held.items() if d <= now]:
-                    parts = held.pop(source)[1]
-                    send(source, parts)
+                while self._timers and self._timers[0][0] <= now:
+                    _, _, source, parts = heapq.heappop(self._timers)
+                    self._forward(source, parts)
+                for source in [s for s, (due, _) in self._held.items() if due <= now]:
+                    self._forward(source, self._held.pop(source)[1])
+        except Exception:
+            log.exception("relay %s stopped forwarding", self.name)
         finally:
             front.close(0)
-            for sock in dealers.values():
+            for sock in self._dealers.values():
                 sock.close(0)
 
-    def _socket(self, kind: int) -> zmq.Socket:
-        sock = self._ctx.socket(kind)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, self._hwm)
-        sock.setsockopt(zmq.RCVHWM, self._hwm)
-        return sock
-
-    def _on_message(self, source: bytes, parts: list[bytes], send, timers, held,
-                    order) -> None:
+    def _on_message(self, source: bytes, parts: list[bytes]) -> None:
         n = next(self._arrivals)
         self.received = n + 1
         try:
@@ -256,9 +237,8 @@ class FaultRelay:
             msg_type, src, req_id = None, "?", ""
         with self._lock:
             plan = self._plan
-            if not plan.applies_to(msg_type):
-                draws = None
-            else:
+            draws: list[float] = []
+            if plan.applies_to(msg_type):
                 rng = self._rngs.get(msg_type)
                 if rng is None:
                     rng = random.Random(f"{self._seed}/{self.name}/{msg_type}")
@@ -266,26 +246,54 @@ class FaultRelay:
                 # Always six draws per message, so one type's sequence of decisions does not
                 # depend on the outcomes before it.
                 draws = [rng.random() for _ in range(4)]
-                delays = [rng.uniform(*plan.delay_ms) / 1000 for _ in range(2)]
+                draws += [rng.uniform(*plan.delay_ms) / 1000 for _ in range(2)]
         actions = []
-        if draws is None or draws[0] >= plan.drop:
-            now = time.monotonic()
-            if draws is not None and draws[1] < plan.duplicate:
-                heapq.heappush(timers, (now + delays[1], next(order), source, parts))
+        now = time.monotonic()
+        if draws and draws[0] < plan.drop:
+            actions.append("dropped")
+        else:
+            if draws and draws[1] < plan.duplicate:
+                heapq.heappush(self._timers, (now + draws[5], next(self._order), source, parts))
                 actions.append("duplicated")
-            if draws is not None and draws[2] < plan.delay:
-                heapq.heappush(timers, (now + delays[0], next(order), source, parts))
+            if draws and draws[2] < plan.delay:
+                heapq.heappush(self._timers, (now + draws[4], next(self._order), source, parts))
                 actions.append("delayed")
-            elif draws is not None and draws[3] < plan.reorder and source not in held:
-                held[source] = (now + plan.reorder_timeout_ms / 1000, parts)
+            elif draws and draws[3] < plan.reorder and source not in self._held:
+                self._held[source] = (now + plan.reorder_timeout_ms / 1000, parts)
                 actions.append("reordered")
             else:
-                send(source, parts)
+                self._forward(source, parts)
                 actions.append("forwarded")
-        else:
-            actions.append("dropped")
         with self._lock:
             for action in actions:
                 self._counts[(action, msg_type or "?")] += 1
                 if action != "forwarded":
                     self._events.append(RelayEvent(n, action, msg_type or "?", src, req_id))
+
+    def _forward(self, source: bytes, parts: list[bytes]) -> None:
+        """Send to the backend on ``source``'s connection; a message held back from that
+        source goes right after it (so the two arrive swapped)."""
+        sock = self._dealers.get(source)
+        if sock is None:
+            sock = self._dealers[source] = self._socket(zmq.DEALER)
+            sock.connect(self.backend)
+            self._sources[sock] = source
+            self._poller.register(sock, zmq.POLLIN)
+        self._push(sock, parts)
+        if source in self._held:
+            self._push(sock, self._held.pop(source)[1])
+
+    def _push(self, sock: zmq.Socket, parts: list[bytes]) -> None:
+        try:
+            sock.send_multipart(parts, zmq.NOBLOCK)
+        except zmq.Again:
+            with self._lock:
+                self._counts[("overflowed", "?")] += 1
+            log.warning("relay %s: a send queue is full; message lost", self.name)
+
+    def _socket(self, kind: int) -> zmq.Socket:
+        sock = self._ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, self._hwm)
+        sock.setsockopt(zmq.RCVHWM, self._hwm)
+        return sock

@@ -2,7 +2,8 @@
 
 Every engine instance advertises a fault-injecting relay in front of its real inbox, so every
 message to it (from its peers and from the router) crosses the relay, which drops, duplicates,
-delays and reorders them by a seeded plan. Under each plan a mixed workload (greedy, streaming
+delays and reorders them by a seeded plan. The first tests pin the relay itself, then each bug
+it found, in process, handler by handler. Under each plan a mixed workload (greedy, streaming
 and not, shared prefixes) must end request by request within a bound derived from the leases:
 exact tokens against the offline engine, or a clean error (HTTP 503/504 with an OpenAI error
 body, or an SSE error event after a prefix of the right tokens). Afterwards every decode's ledger
@@ -14,6 +15,7 @@ arrival order).
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 import time
@@ -23,8 +25,29 @@ import httpx
 import pytest
 import zmq
 
-from fdpd.pd.protocol import Abort, Error, KVBlocks, decode
-from fdpd.pd.transport import Transport
+from fdpd.config import ConfigError, EngineConfig, InstanceConfig, PDConfig
+from fdpd.engine.engine import Engine
+from fdpd.pd import kv_transfer
+from fdpd.pd.decode import DecodeService
+from fdpd.pd.prefill import PrefillService
+from fdpd.pd.protocol import (
+    Abort,
+    AllocRequest,
+    Envelope,
+    Error,
+    Grant,
+    GrantExpired,
+    KVBlocks,
+    PrefillDone,
+    Reject,
+    Submit,
+    SubmitAck,
+    Tokens,
+    TransferResult,
+    decode,
+)
+from fdpd.pd.transport import Inbound, Transport
+from fdpd.sampling_params import SamplingParams
 from fdpd.testing import Cluster, Completion, complete, free_port
 from fdpd.testing.relay import FaultPlan, FaultRelay
 from tests.integration.test_pd_cluster import POOL, Case, reference, why, workload
@@ -37,22 +60,24 @@ GRANT_TTL = 2.0
 TRANSFER_TIMEOUT = 2.0
 MAX_ATTEMPTS = 3                  # fdpd.router.core.RouterCore's default
 MAX_RETRY_AFTER = 1.0             # the longest retry_after a decode puts on a Reject
-# An attempt ends at the latest when the prefill gives up waiting for the grant
-# (TRANSFER_TIMEOUT) or the grant's lease, taken at most that late, runs out (GRANT_TTL); the
-# router then waits at most MAX_RETRY_AFTER before the next. The slack is for the workload's
-# own compute on this 2-core machine.
-BOUND = MAX_ATTEMPTS * (TRANSFER_TIMEOUT + GRANT_TTL) + (MAX_ATTEMPTS - 1) * MAX_RETRY_AFTER + 8
-# What prefill and decode say to each other (and the router's Aborts): the faults' target.
-PD_TYPES = frozenset({"alloc_request", "grant", "reject", "kv_blocks", "prefill_done",
-                      "transfer_result", "grant_expired", "abort"})
+# One attempt: the router waits at most TRANSFER_TIMEOUT for the Submit's answer, the prefill
+# then at most TRANSFER_TIMEOUT for the grant, and the grant's lease lasts GRANT_TTL; then the
+# router waits at most MAX_RETRY_AFTER before the next attempt. The slack is for the
+# workload's own compute on this 2-core machine.
+BOUND = (MAX_ATTEMPTS * (2 * TRANSFER_TIMEOUT + GRANT_TTL) + (MAX_ATTEMPTS - 1) * MAX_RETRY_AFTER
+         + 8)
+# What prefill and decode say to each other, and the router's Submits and Aborts (not its
+# RegisterAcks: a lost one only delays a registration).
+FAULT_TYPES = frozenset({"alloc_request", "grant", "reject", "kv_blocks", "prefill_done",
+                         "transfer_result", "grant_expired", "abort", "submit"})
 PLANS = {
-    "drop": FaultPlan(drop=0.12, types=PD_TYPES),
+    "drop": FaultPlan(drop=0.1, types=FAULT_TYPES),
     # Duplicates of every message (Submit and RegisterAck from the router too), some of them
     # late: never allowed to fail a request.
-    "duplicate": FaultPlan(duplicate=0.25, delay_ms=(1.0, 150.0)),
+    "duplicate": FaultPlan(duplicate=0.25, delay_ms=(1.0, 1000.0)),
     "delay_reorder": FaultPlan(delay=0.2, reorder=0.2, delay_ms=(1.0, 100.0)),
     "mixed": FaultPlan(drop=0.08, duplicate=0.12, delay=0.12, reorder=0.12,
-                       delay_ms=(1.0, 100.0), types=PD_TYPES),
+                       delay_ms=(1.0, 2500.0), types=FAULT_TYPES),
 }
 EXPECTED_ACTIONS = {"drop": {"dropped"}, "duplicate": {"duplicated"},
                     "delay_reorder": {"delayed", "reordered"},
@@ -162,6 +187,171 @@ def test_fault_plan_rejects_nonsense():
         FaultPlan(delay_ms=(50.0, 1.0))
 
 
+def test_advertise_address_is_validated():
+    inst = InstanceConfig(role="decode", advertise_address="tcp://127.0.0.1:5555")
+    assert inst.advertised("tcp://127.0.0.1:4444") == "tcp://127.0.0.1:5555"
+    assert InstanceConfig(role="decode").advertised("tcp://0.0.0.0:4444") != \
+        "tcp://0.0.0.0:4444"
+    for bad in ("127.0.0.1:5555", "tcp://:5555", "tcp://h:0", "tcp://h:70000", "tcp://h"):
+        with pytest.raises(ConfigError, match="advertise_address: expected tcp://HOST:PORT"):
+            InstanceConfig(role="decode", advertise_address=bad)
+
+
+# ---------------------------------------------------------------------- the bugs it found
+# Each message handler, in process, fed the duplicates and reorderings the relay produced.
+PROMPT = list(range(1, 41))              # 3 blocks of 16: KV for blocks 0..2
+PARAMS = SamplingParams(max_tokens=8, temperature=0).to_dict()
+
+
+class Service:
+    """A prefill or decode service on the tiny model whose outgoing messages are recorded."""
+
+    def __init__(self, cls):
+        engine = Engine(EngineConfig(model="tiny", num_kv_blocks=64))
+        self.svc = cls(engine, PDConfig(grant_ttl=2.0, transfer_timeout=2.0),
+                       InstanceConfig(role=cls.role, metrics_port=-1))
+        self.sent: list[tuple[str, object]] = []
+        self.svc.send = lambda address, msg, frames=(): self.sent.append((address, msg))
+        self._seq = 0
+
+    def deliver(self, msg, src: str, frames=()) -> None:
+        self._seq += 1
+        self.svc._dispatch(Inbound(Envelope(src, 1, self._seq, msg), list(frames),
+                                   time.monotonic()))
+
+    def take(self) -> list[tuple[str, object]]:
+        sent, self.sent = self.sent, []
+        return sent
+
+
+@pytest.fixture
+def decode_service():
+    d = Service(DecodeService)
+    yield d
+    d.svc.ledger.check()
+    d.svc.close()
+
+
+@pytest.fixture
+def prefill_service():
+    p = Service(PrefillService)
+    yield p
+    p.svc.close()
+
+
+def alloc(req_id: str) -> AllocRequest:
+    return AllocRequest(req_id, PROMPT, PARAMS, 0, 8, "tcp://p", "tcp://router", 5.0)
+
+
+def kv_for(d: Service, grant: Grant) -> tuple[KVBlocks, list[bytes]]:
+    """The KVBlocks message and frame for every block of ``grant`` (zeros)."""
+    cache = d.svc.engine.runner.kv_cache
+    n = 3 - grant.cached_blocks
+    shape = [*cache.shape[:2], n, *cache.shape[3:]]
+    data = bytes(cache[:, :, :n].numel() * cache.element_size())
+    return (KVBlocks(grant.grant_id, grant.req_id, grant.cached_blocks, n,
+                     kv_transfer.DTYPE_NAMES[cache.dtype], shape), [data])
+
+
+def done_for(grant: Grant) -> PrefillDone:
+    return PrefillDone(grant.grant_id, grant.req_id, 7, None, 3 - grant.cached_blocks, 0)
+
+
+def types(sent) -> list[str]:
+    return [type(m).__name__ for _, m in sent]
+
+
+@pytest.mark.timeout(60)
+def test_decode_grants_a_duplicated_alloc_request_once(decode_service):
+    """Was: the copy got a Reject (the prefill then failed the request), or, arriving after
+    the commit, a second grant, whose give-back Abort ended the running request."""
+    d = decode_service
+    d.deliver(alloc("r1"), "prefill-0")
+    d.deliver(alloc("r1"), "prefill-0")
+    ((_, grant),) = d.take()
+    assert isinstance(grant, Grant) and len(d.svc.ledger.grants) == 1
+    kv, frames = kv_for(d, grant)
+    d.deliver(kv, "prefill-0", frames)
+    d.deliver(done_for(grant), "prefill-0")
+    assert types(d.take()) == ["TransferResult", "Tokens"]
+    assert "r1" in d.svc.engine.scheduler.requests
+    d.deliver(alloc("r1"), "prefill-0")                   # late copy, request running
+    d.deliver(done_for(grant), "prefill-0")               # and PrefillDone's copy
+    d.deliver(kv, "prefill-0", frames)
+    assert d.take() == [] and "r1" in d.svc.engine.scheduler.requests
+    assert d.svc.counters["duplicates"] == 3 and d.svc.counters["kv_dropped"] == 1
+    assert not d.svc.ledger.grants
+    d.deliver(Abort("r1"), "router")
+    assert not d.svc.engine.scheduler.requests
+    # An Abort that overtook its AllocRequest: the AllocRequest gets no grant to leak.
+    d.deliver(Abort("r2"), "prefill-0")
+    d.deliver(alloc("r2"), "prefill-0")
+    assert d.take() == [] and not d.svc.ledger.grants
+    assert d.svc.engine.block_manager.num_free_blocks == 64
+
+
+@pytest.mark.timeout(60)
+def test_decode_prefill_done_before_its_kv_waits_for_it(decode_service):
+    """Was: a PrefillDone that overtook some of its KV failed the transfer at once (and the
+    request, with one decode); its duplicate was answered with a failed TransferResult."""
+    d = decode_service
+    d.deliver(alloc("r1"), "prefill-0")
+    ((_, grant),) = d.take()
+    kv, frames = kv_for(d, grant)
+    d.deliver(done_for(grant), "prefill-0")
+    assert d.take() == [] and d.svc.ledger.grants[grant.grant_id].early_done is not None
+    d.deliver(done_for(grant), "prefill-0")               # its duplicate changes nothing
+    d.deliver(kv, "prefill-0", frames)
+    sent = d.take()
+    assert types(sent) == ["TransferResult", "Tokens"], sent
+    assert sent[0][1].ok and sent[1][1].token_ids == [7]
+    assert "r1" in d.svc.engine.scheduler.requests and not d.svc.ledger.grants
+    d.deliver(Abort("r1"), "router")
+    # The KV never comes: the lease ends the wait, frees the blocks and says so.
+    d.deliver(alloc("r2"), "prefill-0")
+    ((_, grant),) = d.take()
+    d.deliver(done_for(grant), "prefill-0")
+    d.svc.ledger.clock = lambda: time.monotonic() + 2.0
+    d.svc.tick()
+    assert [(a, type(m)) for a, m in d.take()] == [("tcp://p", GrantExpired),
+                                                  ("tcp://router", GrantExpired)]
+    assert not d.svc.ledger.grants and d.svc.engine.block_manager.num_free_blocks == 64
+
+
+def submit(req_id: str) -> Submit:
+    return Submit(req_id, PROMPT, PARAMS, 0, 8, "tcp://router", 5.0, decode_id="decode-0",
+                  decode_address="tcp://d")
+
+
+@pytest.mark.timeout(60)
+def test_prefill_takes_a_duplicated_submit_and_grant_once(prefill_service):
+    """Was: the Submit's copy was refused as 'already in the engine' (HTTP 400 for a healthy
+    request); a copy of the grant arriving after the KV went out was 'given back' with an Abort
+    that ended the request on the decode."""
+    p = prefill_service
+    p.deliver(submit("r1"), "router")
+    p.deliver(submit("r1"), "router")
+    sent = p.take()
+    assert [type(m) for _, m in sent] == [SubmitAck, AllocRequest], sent
+    assert list(p.svc.engine.scheduler.requests) == ["r1"]
+    grant = Grant("r1", "g1", [0, 1, 2], 0, 2.0)
+    p.deliver(grant, "decode-0")
+    while "r1" in p.svc.jobs:
+        p.svc.on_step(p.svc.engine.step())
+    assert types(p.take()) == ["KVBlocks", "PrefillDone"]
+    p.deliver(grant, "decode-0")
+    p.deliver(submit("r1"), "router")
+    assert p.take() == [] and not p.svc.jobs and p.svc.counters["duplicates"] == 3
+    # A grant for a request this prefill gave up on is still given back at once.
+    p.deliver(Grant("gone", "g2", [3], 0, 2.0), "decode-0")
+    assert [(a, type(m)) for a, m in p.take()] == [("tcp://d", Abort)]
+    # An Abort that overtook its Submit: the Submit starts nothing.
+    p.deliver(Abort("r3"), "router")
+    p.deliver(submit("r3"), "router")
+    assert p.take() == [] and not p.svc.engine.scheduler.requests and not p.svc.jobs
+    assert not any(isinstance(m, (Reject, Tokens, TransferResult)) for _, m in p.sent)
+
+
 # ---------------------------------------------------------------------- a cluster behind relays
 @pytest.fixture(scope="module")
 def faulty_cluster(tmp_path_factory):
@@ -220,7 +410,9 @@ def test_requests_end_exact_or_cleanly_under_message_faults(faulty_cluster, refe
                                                            plan_name):
     cluster, relays = faulty_cluster
     plan = PLANS[plan_name]
-    before = {v["instance_id"]: v for v in cluster.cluster()["instances"]}
+    view = cluster.cluster()
+    before = {v["instance_id"]: v for v in view["instances"]}
+    retries_before = view["router"]["retries"]
     for relay in relays.values():
         relay.set_plan(plan, seed=SEED)
         relay.reset_counts()
@@ -238,7 +430,7 @@ def test_requests_end_exact_or_cleanly_under_message_faults(faulty_cluster, refe
             relay.set_plan(FaultPlan())
 
     wrong, unclean, slow = [], [], []
-    ok = 0
+    ok = clean = 0
     finished = [(c, r) for c, (r, _) in zip(cases, results) if r is not None and r.ok]
     want = dict(zip((id(c) for c, _ in finished),
                     reference([(r.prompt_token_ids, c.body["max_tokens"]) for c, r in finished])))
@@ -253,22 +445,36 @@ def test_requests_end_exact_or_cleanly_under_message_faults(faulty_cluster, refe
                     or res.token_ids != want[id(case)]):
                 wrong.append(f"{label}: got {res.token_ids} ({res.finish_reason}), want "
                              f"{want[id(case)]}")
-        elif not is_clean_error(res):
+            continue
+        if not is_clean_error(res):
             unclean.append(f"{label}: status {res.status}, error {res.error}, "
                            f"done {res.done}")
-        elif res.token_ids:
+            continue
+        clean += 1
+        if res.token_ids:
             # Tokens streamed before the error must still be the right ones.
             exp = reference([(case.expected_prompt, case.body["max_tokens"])])[0]
             if res.token_ids != exp[:len(res.token_ids)]:
                 wrong.append(f"{label}: broken stream got {res.token_ids}, want a prefix "
                              f"of {exp}")
+    retries = cluster.cluster()["router"]["retries"] - retries_before
+    errors = collections.Counter(f"{res.status} {(res.error or {}).get('message')}"
+                                 for res, _ in results if res is not None and not res.ok)
+    print(f"{plan_name}: {ok} exact, {clean} clean errors, {len(unclean)} unclean, "
+          f"{len(slow)} over the bound; {retries} retries; slowest "
+          f"{max(sec for _, sec in results):.2f} s (bound {BOUND:.1f} s); errors: "
+          f"{dict(errors)}")
     assert not wrong, why(cluster, report, "WRONG OUTPUT:\n" + "\n".join(wrong))
     assert not unclean, why(cluster, report, "UNCLEAN FAILURES:\n" + "\n".join(unclean))
     assert not slow, why(cluster, report, "OVER THE BOUND:\n" + "\n".join(slow))
     if plan_name == "duplicate":
         assert ok == len(cases), why(cluster, report, f"only {ok} of {len(cases)} succeeded")
     else:
-        assert ok >= len(cases) // 2, why(cluster, report, f"only {ok} of {len(cases)} ok")
+        # A lost message costs an attempt; one that blames the only prefill (a lost or late
+        # Submit, a lost PrefillDone or KV frame: the lease expires) ends the request: a
+        # quarter to a half of them fail at these rates (a seed replays its count). Far fewer
+        # successes would mean faults act twice.
+        assert ok >= len(cases) // 4, why(cluster, report, f"only {ok} of {len(cases)} ok")
     done = {a for r in relays.values() for (a, _), n in r.counts().items() if n}
     assert EXPECTED_ACTIONS[plan_name] <= done, report
 

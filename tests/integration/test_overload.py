@@ -3,10 +3,11 @@
 Bounds under test: the router holds at most ``--max-inflight-requests`` generation requests
 (429 with Retry-After past it, answered before any instance is involved) and refuses bodies
 over ``--max-request-body-bytes`` (413, unread); a prefill/mixed instance refuses a Submit when
-``--max-queued-requests`` requests already wait in its scheduler (the router then answers 503
-with Retry-After). Every response of a burst far past those bounds must be either the exact
-tokens of the offline engine (200) or such a refusal, as an HTTP status (never an SSE error
-event); afterwards the cluster serves normally and ends quiescent.
+``--max-queued-requests`` requests already wait in its scheduler (prefill: are not yet
+prefilled), and the router then answers 503 with Retry-After. Every response of a burst far
+past those bounds must be either the exact tokens of the offline engine (200) or such a
+refusal, as an HTTP status (never an SSE error event); afterwards the cluster serves normally
+and ends quiescent.
 
 The decode's bound on queued grant requests is tested in ``tests/unit/test_ledger.py``.
 """
@@ -38,7 +39,9 @@ BODY_LIMIT = 64 * 1024
 
 @pytest.fixture(scope="module")
 def cluster():
-    with Cluster(1, 1, common_args=["--num-kv-blocks", "512"],
+    # Heartbeats every 0.5 s: the router marks an instance dead after 3 s without one, well
+    # past the time a test keeps the prefill stopped on this busy 2-core machine.
+    with Cluster(1, 1, heartbeat_interval=0.5, common_args=["--num-kv-blocks", "512"],
                  router_args=["--max-inflight-requests", MAX_INFLIGHT,
                               "--max-request-body-bytes", BODY_LIMIT],
                  prefill_args=["--max-queued-requests", "1"],
@@ -262,7 +265,7 @@ def test_instance_refuses_submits_past_its_queue_bound(service_cls):
             submit(i)
         rejects = [m for m in sent if isinstance(m, Reject)]
         assert [m.req_id for m in rejects] == ["r2", "r3"]
-        assert all(m.retryable and m.retry_after > 0 and "queue is full (2 requests waiting"
+        assert all(m.retryable and m.retry_after > 0 and "queue is full (2 requests"
                    in m.reason for m in rejects)
         assert len(service.engine.scheduler.waiting) == 2
         service.on_step(service.engine.step())    # both scheduled: the queue has room again

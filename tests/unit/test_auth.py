@@ -7,12 +7,17 @@ that it is never printed."""
 from __future__ import annotations
 
 import itertools
+import re
+import sys
 import time
+from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import zmq
 from click.testing import CliRunner
+from fastapi.routing import APIRoute
 
 from fdpd import launch as launcher
 from fdpd.cli import main
@@ -27,6 +32,11 @@ from fdpd.pd.auth import (
 )
 from fdpd.pd.protocol import Abort, Codec, Error, KVBlocks, decode, new_epoch
 from fdpd.pd.transport import Transport
+from fdpd.router.app import create_app
+from fdpd.testing.asgi import serve_app
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # see test_model.py
+from tests.unit.router_fakes import ScriptedCore
 
 SECRET = b"correct horse battery staple 42!"
 OTHER = b"another cluster's secret value!!"
@@ -321,8 +331,9 @@ def recorded(monkeypatch):
     def run_instance(engine, pd, inst, *args, **kwargs):
         calls["pd"] = pd
 
-    def run_router(model, pd, *args, **kwargs):
+    def run_router(model, pd, host, port, control_port, api_key, *args, **kwargs):
         calls["pd"] = pd
+        calls["api_key"] = api_key
 
     def run_cluster(**kwargs):
         calls["cluster"] = kwargs
@@ -382,3 +393,37 @@ def test_up_forwards_the_secret_file_and_checks_it_first(recorded, tmp_path, mon
     recorded.clear()
     r = run(["up", "--cluster-secret-file", "short"])
     assert r.exit_code == 2 and "at least 16 bytes" in r.output and not recorded
+
+
+# ---------------------------------------------------------------------- the HTTP API key
+def test_api_key_guards_every_v1_route_streaming_included():
+    app = create_app(ScriptedCore(), api_key="k-123")
+    routes = sorted((method, r.path) for r in app.routes if isinstance(r, APIRoute)
+                    and r.path.startswith("/v1") for method in r.methods)
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/cluster",
+            "/v1/requests/recent"} <= {path for _, path in routes}
+    body = {"prompt": "hi", "max_tokens": 4, "stream": True,
+            "messages": [{"role": "user", "content": "hi"}]}
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=10) as http:
+        for method, path in routes:
+            concrete = re.sub(r"\{[^}]+\}", "x", path)
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "k-123"}):
+                r = http.request(method, concrete, headers=headers,
+                                 json=body if method == "POST" else None)
+                assert r.status_code == 401, (method, concrete, headers)
+                assert r.json()["error"]["code"] == "invalid_api_key"
+                assert r.headers["www-authenticate"] == "Bearer"
+        ok = {"Authorization": "Bearer k-123"}
+        with http.stream("POST", "/v1/completions", json=body, headers=ok) as r:
+            assert r.status_code == 200
+            lines = [line for line in r.iter_lines() if line.startswith("data:")]
+        assert lines[-1] == "data: [DONE]" and len(lines) > 2
+        assert http.get("/v1/models", headers=ok).status_code == 200
+        assert http.get("/health").status_code == 200            # probes stay open
+        assert http.get("/metrics").status_code == 200
+
+
+def test_api_key_from_the_environment(recorded):
+    r = run(ROUTER, FDPD_API_KEY="k-from-env")
+    assert r.exit_code == 0, r.output
+    assert recorded["api_key"] == "k-from-env"

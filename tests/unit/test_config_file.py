@@ -100,7 +100,8 @@ def test_null_means_default(started, tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("num-kv-blockz: 128\n", "unknown key 'num-kv-blockz'; known keys: advertise-host"),
+    ("num-kv-blockz: 128\n", "unknown key 'num-kv-blockz'; known keys: advertise-address, "
+                             "advertise-host"),
     ("block_size: abc\n", "key 'block_size': 'abc' is not a valid integer"),
     ("enable_prefix_caching: maybe\n", "key 'enable_prefix_caching': 'maybe' is not a valid "
                                        "boolean"),

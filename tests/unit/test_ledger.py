@@ -184,6 +184,28 @@ def test_commit_requires_every_block(setup):
     assert bm.owned("A") == g.block_ids
 
 
+def test_kv_received_twice_or_out_of_order_counts_once(setup):
+    """A relay that duplicates and reorders KV frames: the grant is complete when every
+    block is in, whatever the order, and a block sent twice counts once (the decode holds an
+    early PrefillDone until then)."""
+    ledger, sched, bm, clock = setup
+    g = offer(ledger, alloc("A", range(10), 4))              # 3 prompt blocks expected
+    assert ledger.receive(g.grant_id, 2, 1) == [g.block_ids[2]]
+    assert ledger.receive(g.grant_id, 0, 2) == g.block_ids[0:2]
+    assert ledger.receive(g.grant_id, 0, 2) == g.block_ids[0:2]      # the duplicate
+    assert g.kv_complete and len(g.received) == 3
+    ledger.commit(g.grant_id, 3)
+    assert ledger.receive(g.grant_id, 2, 1) is None                  # after the commit
+    assert ledger.counters["stale_kv"] == 1
+    h = offer(ledger, alloc("B", range(50, 60), 4))
+    ledger.receive(h.grant_id, 1, 2)
+    assert not h.kv_complete
+    ledger.release(h.grant_id)
+    req = Request("A", tuple(range(10)), SamplingParams(max_tokens=4), max_tokens=4, seed=0)
+    req.append_output(3)
+    sched.adopt(req, g.owner)
+
+
 def test_cached_prefix_blocks_are_not_resent(setup):
     ledger, sched, bm, clock = setup
     a = offer(ledger, alloc("A", range(12), 4))
