@@ -252,8 +252,11 @@ def analyse(records: list[RequestRecord], answered: dict[int, float], schedule: 
     by_phase: dict[str, Counter] = {p: Counter() for p in PHASES}
     burst_only: Counter = Counter()
     latency: dict[str, list[float]] = {}
+    errors: Counter = Counter()
     for r in records:
         status = status_of(r)
+        if status != "200":
+            errors[r.error[:100]] += 1
         by_phase[schedule.phase(schedule.offsets[r.index])][status] += 1
         if schedule.kinds[r.index] == "burst":
             burst_only[status] += 1
@@ -270,6 +273,7 @@ def analyse(records: list[RequestRecord], answered: dict[int, float], schedule: 
                            "p99": 1e3 * percentile(v, 99)} for s, v in sorted(latency.items())},
         "probe_baseline_e2e_p50_ms": base_ms,
         "recovery": recovery(probes, schedule.burst_end, base_ms),
+        "errors": dict(errors.most_common(8)),
     }
 
 
@@ -324,6 +328,10 @@ def report_text(result: dict) -> str:
     for status, lat in run["latency_ms"].items():
         lines.append(f"latency of {status} answers: p50 {lat['p50']:.1f} ms, p99 "
                      f"{lat['p99']:.1f} ms (n={lat['n']})")
+    odd = {e: n for e, n in run["errors"].items() if not _STATUS.match(e)
+           or _STATUS.match(e).group(1) not in ("429", "503")}
+    if odd:
+        lines.append(f"other answers: {odd}")
     rec = run["recovery"]
     lines.append(f"probe baseline e2e p50: {_fmt(run['probe_baseline_e2e_p50_ms'])} ms; time to "
                  f"recover (every later probe ok within {_fmt(rec.get('limit_ms'), '.0f')} ms): "
@@ -350,7 +358,7 @@ def report_text(result: dict) -> str:
 @click.command("overload")
 @click.option("--num-prefill", default=1, show_default=True)
 @click.option("--num-decode", default=1, show_default=True)
-@click.option("--cost-model", default="1000,20,1", show_default=True,
+@click.option("--cost-model", default="2500,25,1", show_default=True,
               help="Step costs of every engine (see `fdpd launch --help`); 'none': compute "
               "for real with --model.")
 @click.option("--model", default="tiny", show_default=True,

@@ -17,13 +17,14 @@ threads of a sender draw from its counter and hand their messages to its IO thre
 separate queues, so messages may arrive slightly out of order. Older epochs of a sender are
 dropped by the transport already (a restart has a new, larger epoch).
 
-Epochs are ``time.time_ns()`` at start, and a receiver drops every message of a sender's epochs
-older than the newest it accepted. A sender whose clock ran ahead and was then corrected would
-be shut out until the receiver restarts, so an epoch more than ``MAX_EPOCH_SKEW_NS`` (one day)
-ahead of the local clock is refused (``future_epoch``). With authentication only key holders
-can send any epoch at all, so this guards against a badly set clock, not an outsider; it
-assumes the cluster's clocks agree within a day (any NTP-synced fleet), and a receiver whose
-own clock is more than a day behind refuses its peers (visibly: counted and logged).
+Epochs are ``time.time_ns()`` at start, and a receiver drops messages from a sender's epochs
+older than the newest it accepted, so a forged far-future epoch would shut the real sender out
+for good. With authentication only key holders can send an epoch at all; what remains is a
+sender whose clock ran ahead: once corrected, its next incarnation is stale until real time
+passes the epoch recorded (or the receivers restart). Refusing epochs more than
+``MAX_EPOCH_SKEW_NS`` (one day) ahead of the local clock (``future_epoch``) bounds that to a
+day, assuming the cluster's clocks agree within a day (any NTP-synced fleet); a receiver whose
+own clock is more than a day behind refuses its peers, visibly (counted and logged).
 
 Not covered: confidentiality (prompts, tokens and KV travel in clear: keep cluster traffic on a
 private network or a tunnel); binding a message to its recipient (a message captured on its way

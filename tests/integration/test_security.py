@@ -2,13 +2,15 @@
 computes, and an intruder who can reach its ports but lacks the secret changes nothing.
 
 The intruder is a plain ZMQ DEALER sending well-formed ``fdpd.pd.protocol`` messages, without a
-MAC or with one made with another secret: an AllocRequest for a new request, KV and PrefillDone
-for a made-up grant, an Abort for a request in flight and a message impersonating the prefill
-with a far-future epoch (each would act on a cluster without a secret) to the decode's inbox, and
-a Register and forged Tokens to the router's control port. Afterwards the decode's ledger shows
-only the real request's grant, no instance was added, the in-flight request completed exactly,
-and each process counted exactly the messages it got as ``unauthenticated``. A message signed
-with the right secret and sent twice is delivered once and counted once as ``replayed``.
+MAC or with one made with another secret. To the decode's inbox: an AllocRequest for a new
+request (it would take blocks), KV and PrefillDone for a made-up grant, an Abort for a request in
+flight (it would end it), each also under the prefill's name with a far-future epoch (it would
+shut the real prefill out as stale). To the router's control port: a Register of a new decode and
+Tokens ending the request in flight. Afterwards the decode's ledger shows only the real
+request's grant, no instance was added, the in-flight request completed exactly, nothing was
+answered, and each process counted exactly the messages it got as ``unauthenticated``. A
+message signed with the right secret and sent twice is delivered once and counted once as
+``replayed``; one with an epoch two days ahead is refused (``future_epoch``).
 """
 
 from __future__ import annotations
