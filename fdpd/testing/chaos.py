@@ -129,8 +129,9 @@ CHOSEN = (
     Scenario("prefill", "stop-kill", "prefill.kv_send", 2, pause=1.0, seed=102),
     Scenario("decode", "kill", "decode.step", 40, pause=0.5, seed=103),
     Scenario("decode", "stop-cont", "decode.step", 40, pause=2.5, seed=104),
-    Scenario("store", "kill", "kvstore.write", 1, pause=1.0, seed=105),
-    Scenario("store", "stop-cont", "kvstore.restore", 1, pause=1.0, seed=106),
+    Scenario("store", "kill", "kvstore.write", 1, pause=1.0, seed=105, num_requests=24),
+    Scenario("store", "stop-cont", "kvstore.restore", 1, pause=1.0, seed=106,
+             num_requests=24),
     Scenario("router", "kill", TOKENS, 150, pause=0.3, seed=107),
 )
 
@@ -261,6 +262,10 @@ class RunResult:
     nan: int = 0                   # requests with a non-finite or diverging logprob
     survivors_serve: bool = False
     rejoined: bool | None = None   # None: nothing was restarted
+    # What the decodes did meanwhile (write-back and restore must really happen).
+    preemptions: int = 0
+    blocks_written: int = 0
+    blocks_restored: int = 0
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)    # where the run's time went
     problems: list[str] = field(default_factory=list)
@@ -276,6 +281,8 @@ class RunResult:
                 f"exact={self.exact} clean_errors={self.clean_errors} hung={self.hung} "
                 f"wrong={self.wrong} leaked={self.leaked_blocks} nan={self.nan} "
                 f"serve={self.survivors_serve} rejoined={self.rejoined} "
+                f"preempted={self.preemptions} written={self.blocks_written} "
+                f"restored={self.blocks_restored} "
                 f"{self.seconds:.1f}s ("
                 + ", ".join(f"{k} {v:.1f}" for k, v in self.phases.items()) + ")"
                 + "".join(f"\n    {p}" for p in self.problems))
@@ -379,6 +386,7 @@ class ChaosRunner:
             cluster.restart(host, env={FAULT_ENV: format_spec([Fault(sc.moment, sc.hit,
                                                                       action)])})
         mark("arm")
+        counters = self._decode_counters()
         load = make_load(sc.seed, sc.num_requests)
         res.sent = len(load)
         with httpx.Client(base_url=cluster.base_url, timeout=REQUEST_TIMEOUT + CLIENT_MARGIN,
@@ -402,8 +410,26 @@ class ChaosRunner:
         mark("exact")
         self._check_quiescent(res)
         mark("quiesce")
+        for name, (epoch, *after) in self._decode_counters().items():
+            then = counters.get(name)
+            delta = [a - b for a, b in zip(after, then[1:])] if then and then[0] == epoch \
+                else after                       # restarted: its counters began at zero
+            res.preemptions += delta[0]
+            res.blocks_written += delta[1]
+            res.blocks_restored += delta[2]
         res.survivors_serve = self._check_serving(res)
         mark("serve")
+
+    def _decode_counters(self) -> dict[str, tuple[int, int, int, int]]:
+        """Per decode: (epoch, preemptions, blocks written back, blocks restored)."""
+        out = {}
+        for v in self.cluster.cluster()["instances"]:
+            if v["role"] == "decode" and "num_preemptions" in v:
+                store = v.get("kv_store") or {}
+                out[v["instance_id"]] = (v["epoch"], v["num_preemptions"] or 0,
+                                         store.get("blocks_written", 0),
+                                         store.get("blocks_restored", 0))
+        return out
 
     def _send(self, client: httpx.Client, load: list[LoadRequest]
               ) -> tuple[list[Outcome], list[threading.Thread]]:

@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import httpx
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from fdpd import LLM, SamplingParams
 from fdpd.config import EngineConfig, InstanceConfig, PDConfig
@@ -30,7 +31,10 @@ from fdpd.pd.mixed import MixedService
 from fdpd.pd.prefill import PrefillService
 from fdpd.pd.protocol import Envelope, Reject, Submit
 from fdpd.pd.transport import Inbound
+from fdpd.router.app import create_app
+from fdpd.router.core import Admission, RouterError
 from fdpd.testing import Cluster, Completion, complete
+from tests.unit.router_fakes import ScriptedCore
 
 GREEDY = {"temperature": 0, "ignore_eos": True, "return_token_ids": True}
 MAX_INFLIGHT = 4
@@ -242,6 +246,33 @@ def test_oversized_bodies_get_413_unread(cluster):
     r = client.post("/v1/completions", content=body,
                     headers={"content-type": "application/json"})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+ENDPOINTS = [("/v1/completions", {"prompt": "hi"}),
+             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path, body", ENDPOINTS)
+def test_refusals_are_http_statuses_on_both_endpoints(path, body, stream):
+    """In-process (a scripted core): what the router answers when every instance refused, and
+    when no seat is free, on both endpoints, streamed or not: an HTTP status with Retry-After
+    and an OpenAI error, never a 200 with an error event; a 429 never reaches the core."""
+    core = ScriptedCore(error=RouterError(
+        503, "unavailable", "request failed after 3 attempts: rejected by prefill-0: prefill "
+        "queue is full", retry_after=1.0))
+    core.admission = Admission(limit=1, max_body_bytes=BODY_LIMIT)
+    with TestClient(create_app(core)) as client:
+        r = client.post(path, json={**body, "stream": stream})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.headers["content-type"] == "application/json"
+        assert r.json()["error"]["code"] == "unavailable" and len(core.calls) == 1
+        assert core.admission.held == 0
+        core.admission.held = 1                  # every seat taken
+        r = client.post(path, json={**body, "stream": stream})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "rate_limit_exceeded"
+        assert len(core.calls) == 1 and core.admission.refused == 1
 
 
 @pytest.mark.parametrize("service_cls", [PrefillService, MixedService])
