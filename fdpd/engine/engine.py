@@ -153,10 +153,11 @@ class Engine:
         if not ids:
             raise RequestError("prompt", "the prompt is empty")
         vocab = self.model_config.vocab_size
-        bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool)
-                    or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise RequestError("prompt", f"token id {bad!r} is outside the vocabulary "
+        # A list, not next(..., None): None is itself a bad token id.
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool)
+               or not 0 <= t < vocab]
+        if bad:
+            raise RequestError("prompt", f"token id {bad[0]!r} is outside the vocabulary "
                                f"[0, {vocab})")
         n, limit = len(ids), self.max_model_len
         resumed = num_output_tokens

@@ -118,6 +118,16 @@ class PrefillService(InstanceService):
             else:
                 self.counters["duplicates"] += 1
             return
+        num_kv = self.engine.block_manager.blocks_for(job.req.num_tokens)
+        if not 0 <= msg.cached_blocks <= min(num_kv, len(msg.block_ids)):
+            # A grant that cannot be for this prompt: nothing sensible can be shipped to it.
+            del self.jobs[msg.req_id]
+            self._drop(job)
+            self.send(job.decode_address, Abort(msg.req_id, "malformed grant"))
+            self.send(job.router, Reject(msg.req_id, f"decode sent a malformed grant "
+                                         f"(cached_blocks {msg.cached_blocks})", 0.0,
+                                         origin=job.decode_id))
+            return
         job.grant = msg
         job.granted_at = inbound.received_at or time.monotonic()
         if job.result is not None:

@@ -188,7 +188,15 @@ class Transport:
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, self._hwm)
-            sock.connect(address)
+            try:
+                sock.connect(address)
+            except zmq.ZMQError as e:
+                # Addresses come from peers' messages (decode() accepts only tcp://HOST:PORT);
+                # should one still be unusable, that send fails, not the IO thread.
+                sock.close(0)
+                self.stats.send_failed += 1
+                log.warning("cannot connect to %r: %s; message dropped", address[:80], e)
+                return
             dealers[address] = sock
             poller.register(sock, zmq.POLLIN)     # errors about our messages come back here
         try:

@@ -189,6 +189,7 @@ def test_bad_requests_name_the_field_and_leave_the_llm_usable():
                                                     r"max_tokens \(10\) exceeds max_model_len")),
         ([[1, 384]], GREEDY, r"prompt: token id 384 is outside the vocabulary \[0, 384\)"),
         ([[1, -1]], GREEDY, r"prompt: token id -1 is outside the vocabulary"),
+        ([[1, None]], GREEDY, r"prompt: token id None is outside the vocabulary"),
         ([[1] * 20], SamplingParams(max_tokens=20), ("max_tokens: prompt \\+ max_tokens needs "
                                                     "10 KV blocks but the pool has 8")),
         # One bad prompt in a batch rejects the batch before anything is admitted.
