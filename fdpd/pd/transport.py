@@ -61,6 +61,7 @@ class TransportStats:
     unauthenticated: int = 0
     replayed: int = 0
     future_epoch: int = 0
+    inbox_paused: int = 0          # times the inbox stopped being read (loop too far behind)
     by_reason: collections.Counter = field(default_factory=collections.Counter)
 
     def view(self) -> dict[str, int]:
@@ -68,7 +69,13 @@ class TransportStats:
         return {"received": self.received, "sent": self.sent, "malformed": self.malformed,
                 "stale_epoch": self.stale_epoch, "send_failed": self.send_failed,
                 "unauthenticated": self.unauthenticated, "replayed": self.replayed,
-                "future_epoch": self.future_epoch}
+                "future_epoch": self.future_epoch, "inbox_paused": self.inbox_paused}
+
+
+# Inbound messages the engine loop may be behind by before the IO thread stops reading the
+# inbox (it resumes at half). A message here is small (control) or one KV frame (MiBs): the
+# KV that can be in flight is bounded by the grants the decode gave, not by this.
+MAX_INBOUND = 20000
 
 
 class Transport:
@@ -159,9 +166,22 @@ class Transport:
         poller.register(inbox, zmq.POLLIN)
         poller.register(ctl, zmq.POLLIN)
         dealers: dict[str, zmq.Socket] = {}
+        paused = False
         try:
             while not self._stop.is_set():
-                for sock, _ in poller.poll(100):
+                if self._on_message is None:
+                    # Back-pressure: while the engine loop is behind by MAX_INBOUND messages,
+                    # stop reading the inbox. Senders' messages then wait in ZMQ's bounded
+                    # queues (HWM) and TCP instead of growing this process's memory.
+                    backlog = self._inbound.qsize()
+                    if not paused and backlog >= MAX_INBOUND:
+                        poller.unregister(inbox)
+                        paused = True
+                        self.stats.inbox_paused += 1
+                    elif paused and backlog <= MAX_INBOUND // 2:
+                        poller.register(inbox, zmq.POLLIN)
+                        paused = False
+                for sock, _ in poller.poll(10 if paused else 100):
                     # Drain a bounded batch per socket so no source starves the others.
                     for _ in range(256):
                         try:

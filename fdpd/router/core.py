@@ -317,6 +317,8 @@ class RouterCore:
                         return
             finally:
                 self._end(flight, abort=not finished)
+            if not self._can_route(excluded):
+                break                 # nobody left to try: answer now, not after a back-off
             if last is not None and last.retry_after and time.monotonic() < deadline:
                 await asyncio.sleep(min(last.retry_after, max(0.0, deadline - time.monotonic())))
         self.stats.failures[_kind(last.reason)] += 1
@@ -325,6 +327,16 @@ class RouterCore:
         raise RouterError(503, "unavailable", f"request failed after {attempt} "
                           f"attempt{'s' if attempt != 1 else ''}: {last.reason}",
                           retry_after=max(1.0, last.retry_after))
+
+    def _can_route(self, excluded: set[str]) -> bool:
+        """Whether some (prefill, decode) pair or mixed instance outside ``excluded`` is
+        routable."""
+        reg = self.registry
+
+        def left(role: str) -> bool:
+            return any(i.instance_id not in excluded for i in reg.routable(role))
+
+        return (left("prefill") and left("decode")) or left("mixed")
 
     def _dispatch(self, request_id, prompt, params, seed, max_tokens, deadline, hashes,
                   excluded, num_output_tokens: int = 0) -> Inflight | None:

@@ -386,7 +386,7 @@ class ChaosRunner:
             cluster.restart(host, env={FAULT_ENV: format_spec([Fault(sc.moment, sc.hit,
                                                                       action)])})
         mark("arm")
-        counters = self._decode_counters()
+        counters = self._counters()
         load = make_load(sc.seed, sc.num_requests)
         res.sent = len(load)
         with httpx.Client(base_url=cluster.base_url, timeout=REQUEST_TIMEOUT + CLIENT_MARGIN,
@@ -410,25 +410,29 @@ class ChaosRunner:
         mark("exact")
         self._check_quiescent(res)
         mark("quiesce")
-        for name, (epoch, *after) in self._decode_counters().items():
+        for name, (epoch, *after) in self._counters().items():
             then = counters.get(name)
             delta = [a - b for a, b in zip(after, then[1:])] if then and then[0] == epoch \
                 else after                       # restarted: its counters began at zero
             res.preemptions += delta[0]
             res.blocks_written += delta[1]
             res.blocks_restored += delta[2]
+            if delta[3]:
+                res.problems.append(f"{name}: {delta[3]} handler errors (bugs) logged")
         res.survivors_serve = self._check_serving(res)
         mark("serve")
 
-    def _decode_counters(self) -> dict[str, tuple[int, int, int, int]]:
-        """Per decode: (epoch, preemptions, blocks written back, blocks restored)."""
+    def _counters(self) -> dict[str, tuple[int, ...]]:
+        """Per instance: (epoch, preemptions, KV blocks written back, blocks restored,
+        handler errors), from its latest heartbeat."""
         out = {}
         for v in self.cluster.cluster()["instances"]:
-            if v["role"] == "decode" and "num_preemptions" in v:
+            if "num_preemptions" in v:
                 store = v.get("kv_store") or {}
                 out[v["instance_id"]] = (v["epoch"], v["num_preemptions"] or 0,
                                          store.get("blocks_written", 0),
-                                         store.get("blocks_restored", 0))
+                                         store.get("blocks_restored", 0),
+                                         v.get("handler_errors") or 0)
         return out
 
     def _send(self, client: httpx.Client, load: list[LoadRequest]
@@ -563,10 +567,6 @@ class ChaosRunner:
                 v = cluster.view(p, view)
                 if p.alive and v and v.get("free_blocks") is not None:
                     res.leaked_blocks += v["num_blocks"] - v["free_blocks"]
-        handler_errors = {v["instance_id"]: v.get("handler_errors")
-                          for v in cluster.cluster()["instances"] if v.get("handler_errors")}
-        if handler_errors:
-            res.problems.append(f"handler errors (bugs) logged: {handler_errors}")
 
     def _check_serving(self, res: RunResult) -> bool:
         """Every instance serves again: a few fresh requests, all exact, until each prefill
@@ -703,7 +703,11 @@ def write_report(results: Sequence[RunResult], path: str | os.PathLike, *, comma
         lines.append(f"| {kind} | " + " | ".join(str(v) for v in row) + " |")
     lines += ["", f"Runs passed: {len(results) - len(failed)} of {len(results)}. A run whose "
               "moment never came (e.g. no write-back happened on that decode) still checks "
-              "everything above; it is counted under *fault applied*.", ""]
+              "everything above; it is counted under *fault applied*. Meanwhile the decodes "
+              f"preempted {sum(r.preemptions for r in results)} times, wrote back "
+              f"{sum(r.blocks_written for r in results)} KV blocks to Redis and restored "
+              f"{sum(r.blocks_restored for r in results)} (counters of restarted decodes "
+              "start again from zero, so these are lower bounds).", ""]
     if failed:
         lines += ["Failed runs (replay with `FDPD_CHAOS_SEED`):", ""]
         for r in failed:

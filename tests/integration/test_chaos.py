@@ -128,10 +128,12 @@ def test_streams_on_a_decode_restarted_before_the_liveness_timeout_end_at_once(
 
     def kill_and_restart_the_decode(res) -> None:
         if len(res.token_ids) >= 5 and not killed:
-            c = cluster.cluster()
-            victim = next(p for p in cluster.instances("decode")
-                          if (cluster.view(p, c) or {}).get("running"))
-            epoch = cluster.view(victim, c)["epoch"]
+            def serving():
+                c = cluster.cluster()
+                return next(((p, cluster.view(p, c)["epoch"]) for p in cluster.instances("decode")
+                             if (cluster.view(p, c) or {}).get("running")), None)
+
+            victim, epoch = cluster.wait_for(serving, 5, what="the decode serving the stream")
             cluster.kill(victim)
             killed["at"] = time.monotonic()
             killed["epoch"] = (epoch, cluster.restart(victim)["epoch"])

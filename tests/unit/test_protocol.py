@@ -15,6 +15,7 @@ from fdpd.pd import kv_transfer
 from fdpd.pd.protocol import (
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
+    Abort,
     AllocRequest,
     Codec,
     Error,
@@ -161,3 +162,23 @@ def test_stale_epoch_is_dropped(pair):
         assert b.recv(0.1) is None
     finally:
         old.close()
+
+
+def test_a_loop_that_falls_behind_pauses_the_inbox_and_loses_nothing(pair, monkeypatch):
+    import fdpd.pd.transport as transport_module
+
+    monkeypatch.setattr(transport_module, "MAX_INBOUND", 40)
+    a, b = pair
+    for i in range(600):
+        a.send(b.address, Abort(f"r{i}"))
+    # Nobody reads b: its IO thread stops taking from the inbox near the bound (it drains at
+    # most one batch of 256 per socket between checks) and the rest waits in ZMQ.
+    deadline = time.monotonic() + 5
+    while b.stats.inbox_paused == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert b.stats.inbox_paused >= 1
+    assert b._inbound.qsize() < 40 + 256
+    got = [wait_recv(b).msg.req_id for _ in range(600)]
+    assert got == [f"r{i}" for i in range(600)]          # all of it, in order
+    assert b.recv(0.1) is None
