@@ -51,35 +51,60 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+@dataclass(frozen=True)
+class _FieldSpec:
+    name: str
+    annotation: str
+    allowed: tuple[type, ...]
+    required: bool
+    contents: tuple | None          # (_CONTENTS check, what it expects) or None
+
+
+# Per message class, its fields as encode/decode need them: computed once, because
+# dataclasses.fields() on every message cost ~3% of the router's CPU (BENCHMARKS.md).
+_SPECS: dict[type, tuple[_FieldSpec, ...]] = {}
+
+
+def _spec(cls: type) -> tuple[_FieldSpec, ...]:
+    spec = _SPECS.get(cls)
+    if spec is None:
+        spec = _SPECS[cls] = tuple(
+            _FieldSpec(f.name, f.type, _TYPES[f.type],
+                       f.default is dataclasses.MISSING
+                       and f.default_factory is dataclasses.MISSING,
+                       _CONTENTS.get((cls.TYPE, f.name)))
+            for f in dataclasses.fields(cls))
+    return spec
+
+
 @dataclass
 class Message:
     TYPE: ClassVar[str] = ""
 
     def payload(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {f.name: getattr(self, f.name) for f in _spec(type(self))}
 
     @classmethod
     def from_payload(cls, payload: Any) -> Message:
         if not isinstance(payload, dict):
             raise ProtocolError(f"{cls.TYPE}: payload must be a map")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        extra = set(payload) - set(fields)
+        spec = _spec(cls)
+        extra = set(payload) - {f.name for f in spec}
         if extra:
             # Keys may be str and bytes mixed (msgpack maps): order them by their repr.
             raise ProtocolError(f"{cls.TYPE}: unknown field {_shown(min(extra, key=repr))}")
-        for name, f in fields.items():
-            if name not in payload:
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                    raise ProtocolError(f"{cls.TYPE}: missing field {name!r}")
+        for f in spec:
+            if f.name not in payload:
+                if f.required:
+                    raise ProtocolError(f"{cls.TYPE}: missing field {f.name!r}")
                 continue
-            value = payload[name]
-            allowed = _TYPES[f.type]
+            value = payload[f.name]
+            allowed = f.allowed
             if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-                raise ProtocolError(f"{cls.TYPE}.{name}: expected {f.type}, got "
+                raise ProtocolError(f"{cls.TYPE}.{f.name}: expected {f.annotation}, got "
                                     f"{type(value).__name__}")
-            check = _CONTENTS.get((cls.TYPE, name))
-            if check is not None and not check[0](value):
-                raise ProtocolError(f"{cls.TYPE}.{name}: expected {check[1]}")
+            if f.contents is not None and not f.contents[0](value):
+                raise ProtocolError(f"{cls.TYPE}.{f.name}: expected {f.contents[1]}")
         return cls(**payload)
 
 

@@ -633,6 +633,7 @@ class ChaosRunner:
 
 
 # ---------------------------------------------------------------------- the report
+NOTES_MARKER = "<!-- notes: kept when scripts/chaos rewrites this file -->"
 COLUMNS = ("runs", "fault applied", "requests sent", "completed exact",
            "ended with a clean error", "hung", "leaked blocks", "wrong outputs", "NaN",
            "survivors served", "rejoined with new epoch")
@@ -714,7 +715,11 @@ def write_report(results: Sequence[RunResult], path: str | os.PathLike, *, comma
             lines.append(f"- seed {r.scenario.seed}: {r.scenario.describe()}: "
                          + "; ".join(p.splitlines()[0][:300] for p in r.problems))
         lines.append("")
-    Path(path).write_text("\n".join(lines))
+    # Hand-written notes (the bugs the suite found) follow a marker and survive a re-run.
+    path = Path(path)
+    old = path.read_text() if path.exists() else ""
+    notes = old[old.index(NOTES_MARKER):] if NOTES_MARKER in old else f"{NOTES_MARKER}\n"
+    path.write_text("\n".join(lines) + "\n" + notes)
 
 
 # ---------------------------------------------------------------------- command line

@@ -69,6 +69,37 @@ def test_random_scenario(runner, sc):
     check(runner, sc, chosen=False)
 
 
+# ---------------------------------------------------------------------- scenarios and the report
+def test_a_seed_names_the_whole_scenario():
+    assert random_scenario(1013) == random_scenario(1013)
+    kinds = {random_scenario(seed).kind for seed in range(200)}
+    # Every target, every fault and every kind of moment comes up.
+    for word in ("prefill", "decode", "store", "router", "kill", "stop-cont", "stop-kill",
+                 "prefill.await_grant", "prefill.kv_send", "decode.kv_received", "decode.step",
+                 "kvstore.write", "kvstore.restore", "random delay", "streamed tokens"):
+        assert any(word in k for k in kinds), word
+    with pytest.raises(ValueError, match="router cannot be hit at 'decode.step'"):
+        Scenario("router", "kill", "decode.step")
+
+
+def test_the_report_keeps_its_notes(tmp_path):
+    from fdpd.testing.chaos import NOTES_MARKER, RunResult, write_report
+
+    path = tmp_path / "RELIABILITY.md"
+    path.write_text(f"old table\n{NOTES_MARKER}\n## Bugs found\n- one\n")
+    ok = RunResult(random_scenario(1), applied=True, sent=10, exact=8, clean_errors=2,
+                   survivors_serve=True, rejoined=True)
+    bad = RunResult(random_scenario(2), sent=5, exact=4, hung=1, survivors_serve=True,
+                    problems=["request 3 hung"])
+    write_report([ok, bad], path, command="scripts/chaos --runs 2", base_seed=1,
+                 date="2026-11-21", machine="2-core CPU VM", wall_seconds=60)
+    text = path.read_text()
+    assert "old table" not in text and text.endswith(f"{NOTES_MARKER}\n## Bugs found\n- one\n")
+    total = next(line for line in text.splitlines() if line.startswith("| **total**"))
+    assert total == "| **total** | 2 | 1 | 15 | 12 | 2 | 1 | 0 | 0 | 0 | 2/2 | 1/1 |"
+    assert "Runs passed: 1 of 2" in text and "seed 2:" in text and "request 3 hung" in text
+
+
 # ---------------------------------------------------------------------- bugs the suite found
 @pytest.mark.timeout(30)
 def test_a_paused_router_does_not_declare_its_instances_dead():
