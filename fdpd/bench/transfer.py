@@ -1,12 +1,13 @@
 """``fdpd bench transfer``: KV transfer between two processes vs. raw ZMQ, measured side by side.
 
-The fdpd path is the one a prefill and a decode instance run: the sender gathers the blocks of a
-request (random, non-contiguous block ids) from its KV cache into staging tensors with
-``send_kv_blocks`` and sends them through its ``Transport`` (IO thread, DEALER->ROUTER, zero-copy
-frames); the receiver's IO thread hands them to its loop, which copies each frame into its own
-cache at other random block ids with ``receive_kv_blocks`` and acknowledges the end. The
-baseline moves the same number of bytes, in the same frame sizes, from a preallocated buffer over
-a raw PUSH/PULL pair whose receiver only receives. Trials alternate between the two so that
+The fdpd path is the one a prefill and a decode instance run: the sender sends the blocks of a
+request (random, non-contiguous block ids) straight from its block-major KV cache with
+``send_kv_blocks`` (one zero-copy frame per block, messages of up to ``--frame-mib``) through its
+``Transport`` (IO thread, DEALER->ROUTER); the receiver's IO thread hands them to its loop, which
+copies each frame into its own cache at other random block ids with ``receive_kv_blocks`` and
+acknowledges the end. The baseline moves the same number of bytes, in messages of the same sizes
+(one frame each), from a preallocated buffer over a raw PUSH/PULL pair whose receiver only
+receives. Trials alternate between the two so that
 machine noise hits both alike. With ``--cluster-secret-file`` both transports authenticate every
 message (``fdpd.pd.auth``: a MAC over each KV frame on send, checked on receipt), as a cluster
 with a secret does; without it they do not (the default, as before).
@@ -32,7 +33,8 @@ def bench_model_config(hidden: int, layers: int, kv_heads: int) -> ModelConfig:
 
 
 def cache_shape(cfg: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
-    return (cfg.num_hidden_layers, 2, num_blocks, block_size, cfg.num_key_value_heads,
+    """Block-major, as the engine's (fdpd.engine.runner)."""
+    return (num_blocks, cfg.num_hidden_layers, 2, block_size, cfg.num_key_value_heads,
             cfg.head_dim)
 
 
@@ -84,7 +86,7 @@ def _receiver(setup: Setup, conn, secret: bytes | None) -> None:
         elif cmd[0] == "verify":
             _, targets = cmd
             idx = torch.tensor(targets)
-            conn.send(cache.index_select(2, idx).sum().item())
+            conn.send(cache.index_select(0, idx).sum().item())
         elif cmd[0] == "raw":
             _, nframes = cmd
             for _ in range(nframes):
@@ -108,7 +110,7 @@ def run(setup: Setup, sizes: list[int], repeats: int,
     cfg = bench_model_config(setup.hidden, setup.layers, setup.kv_heads)
     torch.manual_seed(0)
     cache = torch.randn(cache_shape(cfg, setup.num_blocks, setup.block_size))
-    block_bytes = cache[:, :, 0].numel() * cache.element_size()
+    block_bytes = cache[0].numel() * cache.element_size()
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_receiver, args=(setup, child, secret), daemon=True)
@@ -147,7 +149,7 @@ def run(setup: Setup, sizes: list[int], repeats: int,
                 if rep == 0:
                     parent.send(("verify", targets))
                     got = parent.recv()
-                    want = cache.index_select(2, torch.tensor(ids)).sum().item()
+                    want = cache.index_select(0, torch.tensor(ids)).sum().item()
                     if abs(got - want) > 1e-3 * max(1.0, abs(want)):
                         raise RuntimeError(f"KV arrived corrupted: {got} != {want}")
                 parent.send(("raw", nframes))

@@ -94,7 +94,7 @@ class CostModelRunner:
         self.device = device
         self.num_blocks = num_blocks
         self.kv_cache = torch.zeros(
-            config.num_hidden_layers, 2, num_blocks, block_size, config.num_key_value_heads,
+            num_blocks, config.num_hidden_layers, 2, block_size, config.num_key_value_heads,
             config.head_dim, dtype=dtype, device=device)
         self._sleep = sleep
         self._eos = tuple(config.eos_token_ids)

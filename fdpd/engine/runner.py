@@ -1,9 +1,10 @@
 """The model runner: owns the KV cache (its one allocation site) and turns a scheduled batch into
 one forward pass.
 
-KV layout: a single tensor ``[layers, 2, num_blocks, block_size, kv_heads, head_dim]``. Per-layer
-views feed attention; ``kv_cache[:, :, block_ids]`` gathers whole blocks across all layers in one
-indexing op, which is what transfers and KV-store write-backs need.
+KV layout: a single block-major tensor ``[num_blocks, layers, 2, block_size, kv_heads,
+head_dim]``. One block's KV across all layers (``kv_cache[b]``) is one contiguous piece of
+memory, which is the unit that moves: a KV transfer sends it zero-copy and a KV-store write-back
+encodes it without a gather. Attention reads per-layer strided views (``kv_cache[:, layer]``).
 """
 
 from __future__ import annotations
@@ -50,9 +51,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         # The only place KV memory is allocated (see DESIGN 10: FastDeploy #7420).
         self.kv_cache = torch.zeros(
-            c.num_hidden_layers, 2, num_blocks, block_size, c.num_key_value_heads, c.head_dim,
+            num_blocks, c.num_hidden_layers, 2, block_size, c.num_key_value_heads, c.head_dim,
             dtype=dtype, device=device)
-        self._offsets = torch.arange(block_size, device=device)
         log.info("KV cache: %d blocks x %d tokens, %.1f MiB", num_blocks, block_size,
                  self.kv_cache.numel() * self.kv_cache.element_size() / 2**20)
 
@@ -76,8 +76,8 @@ class ModelRunner:
             else:
                 prefills.append(self._prefill_span(first, item))
         dev = self.device
-        meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long, device=dev), prefills,
-                                 self._decode_groups(decodes))
+        meta = AttentionMetadata.from_slots(torch.tensor(slots, dtype=torch.long, device=dev),
+                                            bs, prefills, self._decode_groups(decodes))
         hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=dev),
                             torch.tensor(positions, dtype=torch.long, device=dev),
                             self.kv_cache, meta)
@@ -90,13 +90,12 @@ class ModelRunner:
         n, start = len(item.token_ids), item.start
         total = start + n
         if start == 0:
-            return PrefillSpan(first, n, 0, key_slots=None, mask=None)
+            return PrefillSpan(first, n, 0, key_blocks=None, mask=None)
         dev = self.device
         blocks = torch.tensor(item.block_ids[: -(-total // self.block_size)], device=dev)
-        key_slots = (blocks[:, None] * self.block_size + self._offsets).flatten()[:total]
         q_pos = torch.arange(start, total, device=dev)
         mask = torch.arange(total, device=dev)[None, :] <= q_pos[:, None]
-        return PrefillSpan(first, n, start, key_slots=key_slots, mask=mask)
+        return PrefillSpan(first, n, start, key_blocks=blocks, mask=mask)
 
     def _decode_groups(self, decodes: list[tuple[int, BatchItem]]) -> list[DecodeGroup]:
         """Split decodes into up to ``MAX_DECODE_GROUPS`` batches of similar context length, so

@@ -87,7 +87,7 @@ class KVOffload:
         self.store = store
         self.kv_cache = kv_cache
         self.fingerprint = fingerprint
-        self.block_shape = (kv_cache.shape[0], kv_cache.shape[1], *kv_cache.shape[3:])
+        self.block_shape = tuple(kv_cache.shape[1:])     # block-major: kv_cache[b] is a block
         self.stats = OffloadStats()
         self._jobs: queue.Queue = queue.Queue(max_jobs)
         # queue.Queue, not SimpleQueue: on CPython 3.11 SimpleQueue.get(timeout) can wait
@@ -159,7 +159,7 @@ class KVOffload:
         for b, key in zip(block_ids[skip:], keys[skip:]):
             fault_point("kvstore.write")
             try:
-                blob = encode_block(self.fingerprint, self.kv_cache[:, :, b], key=key)
+                blob = encode_block(self.fingerprint, self.kv_cache[b], key=key)
                 self.store.put(key, blob)
             except StoreUnavailable:
                 failed += 1
@@ -204,7 +204,7 @@ class KVOffload:
                 self.stats.corrupt_objects += 1
                 log.warning("KV object %s... rejected (%s): recomputing", key.hex()[:12], e)
                 break
-            self.kv_cache[:, :, b].copy_(block)
+            self.kv_cache[b].copy_(block)
             loaded += 1
             self.stats.bytes_restored += len(blob)
         self.stats.blocks_restored += loaded

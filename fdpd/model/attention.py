@@ -2,12 +2,13 @@
 block tables.
 
 One engine step runs a flat batch of ``T`` new tokens from many requests. Tokens are written to
-the cache through ``slot_mapping`` (slot = block_id * block_size + offset), then each query reads
-its keys back through the request's block table. Requests that add one token (decodes) are
-attended in a few padded batches of similar context length (whole blocks gathered at once:
-per-token gathers cost more than the attention itself on CPU); requests that add a chunk of
-prompt are attended one by one, since padding a 500-token chunk next to 30 single-token decodes
-would waste 30x the work.
+the cache at (``slot_blocks``, ``slot_offsets``), then each query reads its keys back through the
+request's block table, whole blocks at a time. A layer's cache is a strided view
+``[blocks, 2, block_size, H, D]`` of the runner's block-major tensor. Requests that add one
+token (decodes) are attended in a few padded batches of similar context length (whole blocks
+gathered at once: per-token gathers cost more than the attention itself on CPU); requests that
+add a chunk of prompt are attended one by one, since padding a 500-token chunk next to 30
+single-token decodes would waste 30x the work.
 
 Buffer rules: the metadata tensors are built once per step on the runner's device and only read
 here; the KV cache is written only through ``write_kv``.
@@ -28,9 +29,9 @@ class PrefillSpan:
     token_start: int              # index of its first new token in the flat batch
     num_new: int
     start: int                    # tokens already in the cache before this step
-    # Cache slots of every key it attends to, [start + num_new]; None when start == 0 (the
-    # chunk attends only to itself, straight from the fresh K/V).
-    key_slots: torch.Tensor | None
+    # The blocks holding every key it attends to (the first start + num_new slots of them);
+    # None when start == 0 (the chunk attends only to itself, straight from the fresh K/V).
+    key_blocks: torch.Tensor | None
     # [num_new, start+num_new] bool, True where visible. Required when start > 0; None (only
     # with start == 0) means plain causal over the chunk.
     mask: torch.Tensor | None
@@ -49,26 +50,32 @@ class DecodeGroup:
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor                 # [T] where each new token's K/V is written
+    slot_blocks: torch.Tensor                  # [T] the block each new token's K/V goes to
+    slot_offsets: torch.Tensor                 # [T] and its offset in that block
     prefills: list[PrefillSpan]
     decodes: list[DecodeGroup]
 
+    @classmethod
+    def from_slots(cls, slots: torch.Tensor, block_size: int, prefills: list[PrefillSpan],
+                   decodes: list[DecodeGroup]) -> AttentionMetadata:
+        """``slots[i]`` = block id * block_size + offset of new token i."""
+        return cls(torch.div(slots, block_size, rounding_mode="floor"), slots % block_size,
+                   prefills, decodes)
+
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Store the new tokens' keys/values. ``cache`` is one layer: [2, blocks, block_size, H, D]."""
-    k_flat = cache[0].view(-1, k.shape[1], k.shape[2])
-    v_flat = cache[1].view(-1, v.shape[1], v.shape[2])
-    k_flat.index_copy_(0, slot_mapping, k)
-    v_flat.index_copy_(0, slot_mapping, v)
+               meta: AttentionMetadata) -> None:
+    """Store the new tokens' keys/values. ``cache`` is one layer: [blocks, 2, block_size, H, D]."""
+    where = (meta.slot_blocks, meta.slot_offsets)
+    cache[:, 0].index_put_(where, k)
+    cache[:, 1].index_put_(where, v)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hkv, D] (already written to ``cache``). Returns [T, Hq, D]."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_flat = cache[0].view(-1, num_kv_heads, head_dim)
-    v_flat = cache[1].view(-1, num_kv_heads, head_dim)
+    k_cache, v_cache = cache[:, 0], cache[:, 1]            # [blocks, block_size, H, D] views
     out = torch.empty_like(q)
 
     for span in meta.prefills:
@@ -76,7 +83,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
         if span.start == 0:
             keys, values = k[rows], v[rows]       # the chunk's own K/V: no cache read needed
         else:
-            keys, values = k_flat[span.key_slots], v_flat[span.key_slots]
+            total = span.start + span.num_new
+            keys = k_cache.index_select(0, span.key_blocks).view(-1, num_kv_heads,
+                                                                 head_dim)[:total]
+            values = v_cache.index_select(0, span.key_blocks).view(-1, num_kv_heads,
+                                                                   head_dim)[:total]
         o = F.scaled_dot_product_attention(
             q[rows].transpose(0, 1).unsqueeze(0),
             keys.transpose(0, 1).unsqueeze(0),
@@ -88,8 +99,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
         qd = q[slice(*group.run)] if group.run else q.index_select(0, group.token_index)
         b, w = group.block_table.shape
         blocks = group.block_table.flatten()
-        keys = cache[0].index_select(0, blocks).view(b, -1, num_kv_heads, head_dim)
-        values = cache[1].index_select(0, blocks).view(b, -1, num_kv_heads, head_dim)
+        keys = k_cache.index_select(0, blocks).view(b, -1, num_kv_heads, head_dim)
+        values = v_cache.index_select(0, blocks).view(b, -1, num_kv_heads, head_dim)
         o = F.scaled_dot_product_attention(
             qd.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=group.mask,
             scale=scale, enable_gqa=True).squeeze(2)              # [B, Hq, D]

@@ -89,7 +89,7 @@ class Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = rope(positions, q, k)
-        write_kv(cache, k, v, meta.slot_mapping)
+        write_kv(cache, k, v, meta)
         o = paged_attention(q, k, v, cache, meta, self.scale)
         return self.o_proj(o.reshape(-1, self.q_size))
 
@@ -129,7 +129,7 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """The decoder. ``kv_cache`` is the runner's one allocation: [layers, 2, blocks, bs, H, D]."""
+    """The decoder. ``kv_cache`` is the runner's one allocation: [blocks, layers, 2, bs, H, D]."""
 
     # (fused parameter, HF shard name, shard index)
     _STACKED = (("qkv_proj", "q_proj", 0), ("qkv_proj", "k_proj", 1), ("qkv_proj", "v_proj", 2),
@@ -149,7 +149,7 @@ class LlamaForCausalLM(nn.Module):
         m = self.model
         x = m.embed_tokens(input_ids)
         for i, layer in enumerate(m.layers):
-            x = layer(x, positions, m.rotary, kv_cache[i], meta)
+            x = layer(x, positions, m.rotary, kv_cache[:, i], meta)
         return m.norm(x)
 
     @torch.inference_mode()

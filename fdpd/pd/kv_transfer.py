@@ -1,14 +1,24 @@
-"""Moving KV blocks between two engines' caches: one gather on the sender, one copy on the
-receiver, nothing in between.
+"""Moving KV blocks between two engines' caches: no copy on a CPU sender, one on the receiver.
 
-A frame is the C-order bytes of a ``[layers, 2, num_blocks, block_size, kv_heads, head_dim]``
-tensor; dtype and shape travel in the ``KVBlocks`` header beside it. The sender gathers each
-chunk of (non-contiguous) blocks into a staging buffer from a ``StagingPool`` and hands the
-frame to the transport zero-copy with a tracker; the buffer goes back to the pool only when the
-tracker says libzmq released it, so it is never overwritten while it may still be read. (Reusing
-warm buffers matters: gathering into freshly mapped memory page-faults at ~2-3 GB/s here, slower
-than the wire.) Chunks are cut at ``MAX_FRAME_BYTES`` so the receiver copies chunk k while chunk
-k+1 is on the wire.
+The KV cache is block-major (``[num_blocks, layers, 2, block_size, kv_heads, head_dim]``, see
+``fdpd.engine.runner``), so one block's KV across all layers is one contiguous piece of memory.
+
+Wire format of a ``KVBlocks`` message: ``shape`` is ``[layers, 2, n, block_size, kv_heads,
+head_dim]`` (the n blocks' KV as one logical tensor) and the KV travels either as **n frames**,
+frame j holding block j's ``[layers, 2, block_size, kv_heads, head_dim]`` in C order, or as
+**one frame** holding the whole tensor in C order. (For n = 1 the two are the same bytes.)
+
+- A CPU sender sends n frames, each a zero-copy view of a cache block, tracked: the caller must
+  keep those blocks from being reused (written) until every tracker says libzmq released the
+  frame (``send_kv_blocks`` returns the trackers; the prefill holds the request's blocks until
+  then). No gather, no staging copy.
+- A GPU sender gathers the blocks on the device and copies them once into a host staging buffer
+  from a ``StagingPool`` (recycled only after its send completed): one frame.
+- The receiver copies each frame into its granted blocks: the one copy (frames alias zmq's
+  receive buffers, which are freed when the message is).
+
+Messages are cut at ``MAX_MESSAGE_BYTES`` so the receiver copies message k into its cache while
+message k+1 is on the wire.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import zmq
 from fdpd.faults import fault_point
 from fdpd.pd.protocol import KVBlocks, Message
 
-MAX_FRAME_BYTES = 8 * 2**20
+MAX_MESSAGE_BYTES = 8 * 2**20
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -104,42 +114,80 @@ class StagingPool:
         return len(self._busy)
 
 
+def block_layout(kv_cache: torch.Tensor) -> tuple[int, ...]:
+    """``(layers, 2, block_size, kv_heads, head_dim)``: one block of this block-major cache."""
+    return tuple(kv_cache.shape[1:])
+
+
+def wire_shape(kv_cache: torch.Tensor, num_blocks: int) -> list[int]:
+    """The ``KVBlocks.shape`` of ``num_blocks`` blocks of this cache."""
+    layers, two, *tail = block_layout(kv_cache)
+    return [layers, two, num_blocks, *tail]
+
+
 def send_kv_blocks(send: Callable[[Message, list], None], kv_cache: torch.Tensor,
                    grant_id: str, req_id: str, block_ids: Sequence[int], first_index: int,
-                   pool: StagingPool, max_frame_bytes: int = MAX_FRAME_BYTES) -> int:
-    """Send the KV of ``block_ids`` (grant-relative indices from ``first_index``) in chunks.
-    Returns the number of bytes sent."""
-    per_block = kv_cache[:, :, 0].numel() * kv_cache.element_size()
-    step = max(1, max_frame_bytes // per_block)
-    sent = 0
+                   pool: StagingPool, max_message_bytes: int = MAX_MESSAGE_BYTES
+                   ) -> tuple[int, list[zmq.MessageTracker]]:
+    """Send the KV of ``block_ids`` (grant-relative indices from ``first_index``) in messages
+    of at most ``max_message_bytes``. Returns the bytes sent and the trackers of the frames
+    that view ``kv_cache`` directly: those blocks must not be written until all are done."""
+    per_block = kv_cache[0].numel() * kv_cache.element_size()
+    step = max(1, max_message_bytes // per_block)
+    dtype = DTYPE_NAMES[kv_cache.dtype]
+    on_cpu = kv_cache.device.type == "cpu"
+    sent, trackers = 0, []
     for i in range(0, len(block_ids), step):
         chunk = block_ids[i:i + step]
-        index = torch.tensor(chunk, dtype=torch.long, device=kv_cache.device)
-        shape = (*kv_cache.shape[:2], len(chunk), *kv_cache.shape[3:])
-        staged = pool.take(shape, kv_cache.dtype)
-        if kv_cache.device.type == "cpu":
-            torch.index_select(kv_cache, 2, index, out=staged)     # the one gather
+        if on_cpu:
+            frames = []
+            for b in chunk:
+                frame = zmq.Frame(to_frame(kv_cache[b]), copy=False, track=True)
+                trackers.append(frame.tracker)
+                frames.append(frame)
         else:
-            staged.copy_(kv_cache.index_select(2, index))          # gather on GPU, then D2H
-        send(KVBlocks(grant_id, req_id, first_index + i, len(chunk),
-                      DTYPE_NAMES[staged.dtype], list(staged.shape)), [pool.frame(staged)])
-        sent += staged.numel() * staged.element_size()
+            index = torch.tensor(chunk, dtype=torch.long, device=kv_cache.device)
+            staged = pool.take(tuple(wire_shape(kv_cache, len(chunk))), kv_cache.dtype)
+            # Gather on the device, lay out as the wire's [layers, 2, n, ...], then D2H once.
+            staged.copy_(kv_cache.index_select(0, index).permute(1, 2, 0, 3, 4, 5))
+            frames = [pool.frame(staged)]
+        send(KVBlocks(grant_id, req_id, first_index + i, len(chunk), dtype,
+                      wire_shape(kv_cache, len(chunk))), frames)
+        sent += len(chunk) * per_block
         fault_point("prefill.kv_send")
-    return sent
+    return sent, trackers
+
+
+def _buffer(frame) -> memoryview:
+    return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
 
 
 def receive_kv_blocks(kv_cache: torch.Tensor, msg: KVBlocks, frames: Sequence,
                       block_ids: Sequence[int]) -> int:
-    """Copy one KVBlocks message's frame into ``block_ids`` of ``kv_cache`` (the one copy).
-    Raises KVFrameError, writing nothing, if the frame does not fit exactly."""
-    if len(frames) != 1:
-        raise KVFrameError(f"expected 1 KV frame, got {len(frames)}")
-    buffer = frames[0].buffer if hasattr(frames[0], "buffer") else memoryview(frames[0])
+    """Copy one KVBlocks message's frames into ``block_ids`` of ``kv_cache`` (the one copy).
+    Raises KVFrameError, writing nothing, if the frames do not fit exactly."""
+    n = len(block_ids)
+    layers, two, *tail = block_layout(kv_cache)
+    logical = [layers, two, 0, *tail]
     with warnings.catch_warnings():          # zmq's receive buffers are read-only; we only read
         warnings.simplefilter("ignore", UserWarning)
-        data = from_frame(buffer, msg.dtype, msg.shape, kv_cache.dtype, kv_cache.shape)
-    if data.shape[2] != len(block_ids):
-        raise KVFrameError(f"{data.shape[2]} blocks of KV for {len(block_ids)} granted")
-    index = torch.tensor(list(block_ids), dtype=torch.long, device=kv_cache.device)
-    kv_cache.index_copy_(2, index, data.to(kv_cache.device))
-    return data.numel() * data.element_size()
+        if len(frames) == 1:
+            data = from_frame(_buffer(frames[0]), msg.dtype, msg.shape, kv_cache.dtype, logical)
+            if data.shape[2] != n:
+                raise KVFrameError(f"{data.shape[2]} blocks of KV for {n} granted")
+            index = torch.tensor(list(block_ids), dtype=torch.long, device=kv_cache.device)
+            # [layers, 2, n, ...] -> [n, layers, 2, ...]: a strided read, one copy.
+            kv_cache.index_copy_(0, index, data.permute(2, 0, 1, 3, 4, 5).to(kv_cache.device))
+            return data.numel() * data.element_size()
+        if len(frames) != n or msg.shape[2:3] != [n]:
+            raise KVFrameError(f"{len(frames)} KV frames for {n} granted blocks "
+                               f"(header shape {list(msg.shape)[:6]})")
+        one = [layers, two, 1, *tail]
+        if list(msg.shape) != [layers, two, n, *tail]:
+            raise KVFrameError(f"KV shape {list(msg.shape)[:6]} does not fit this cache's "
+                               f"blocks {logical}")
+        blocks = [from_frame(_buffer(f), msg.dtype, one, kv_cache.dtype, logical)
+                  for f in frames]                  # every frame checked before any write
+    for b, data in zip(block_ids, blocks):
+        kv_cache[b].copy_(data.view(block_layout(kv_cache)))
+    return n * blocks[0].numel() * blocks[0].element_size()

@@ -59,6 +59,8 @@ class PrefillService(InstanceService):
                               TransferResult: self.on_transfer_result})
         self.jobs: dict[str, PrefillJob] = {}
         self.staging = kv_transfer.StagingPool()
+        # (KV owner, trackers) of shipped requests whose frames may still be on the wire.
+        self.sending: list[tuple[str, list]] = []
         self.peers: dict[str, str] = {}           # decode instance id -> inbox address
         # Duplicates (a message delivered twice, maybe late) must not act twice: every Submit
         # taken, and every request whose KV went out under its grant.
@@ -158,10 +160,14 @@ class PrefillService(InstanceService):
             # Every token but the sampled one has KV (a resumed request: its old outputs too).
             num_kv = self.engine.block_manager.blocks_for(req.num_tokens - 1)
             blocks = self.engine.block_manager.owned(owner)[grant.cached_blocks:num_kv]
+            trackers: list = []
             try:
-                kv_blocks_sent = self._send_kv(job, blocks)
+                kv_blocks_sent, trackers = self._send_kv(job, blocks)
             finally:
-                self.engine.block_manager.free(owner)
+                # The frames are views of these blocks: they stay held (nobody can reuse and
+                # overwrite them) until libzmq has sent every frame.
+                self.sending.append((owner, trackers))
+                self._release_sent()
         self.send(job.decode_address, PrefillDone(
             grant.grant_id, req.request_id, token, logprob, kv_blocks_sent,
             req.num_cached_tokens, finished=out.finish_reason != "prefilled",
@@ -191,14 +197,24 @@ class PrefillService(InstanceService):
         return {"phases": phases, "kv_send": kv_send, "grant_hold": now - job.granted_at,
                 "prefill_instance": self.instance_id}
 
-    def _send_kv(self, job: PrefillJob, blocks: list[int]) -> int:
-        sent = kv_transfer.send_kv_blocks(
+    def _send_kv(self, job: PrefillJob, blocks: list[int]) -> tuple[int, list]:
+        sent, trackers = kv_transfer.send_kv_blocks(
             lambda msg, frames: self.send(job.decode_address, msg, frames),
             self.engine.runner.kv_cache, job.grant.grant_id, job.req.request_id, blocks,
             job.grant.cached_blocks, self.staging)
         self.counters["kv_bytes_sent"] += sent
         self.counters["kv_blocks_sent"] += len(blocks)
-        return len(blocks)
+        return len(blocks), trackers
+
+    def _release_sent(self) -> None:
+        """Free the KV of shipped requests whose frames libzmq has released."""
+        still = []
+        for owner, trackers in self.sending:
+            if all(t.done for t in trackers):
+                self.engine.block_manager.free(owner)
+            else:
+                still.append((owner, trackers))
+        self.sending = still
 
     def on_reject(self, inbound: Inbound) -> None:
         msg: Reject = inbound.msg
@@ -235,6 +251,8 @@ class PrefillService(InstanceService):
         self.send(job.decode_address, Abort(msg.req_id, msg.reason))
 
     def tick(self) -> None:
+        if self.sending:
+            self._release_sent()
         now = time.monotonic()
         late = [j for j in self.jobs.values() if j.grant is None and now >= j.deadline]
         for job in late:
@@ -257,7 +275,8 @@ class PrefillService(InstanceService):
 
     # ------------------------------------------------------------------ graceful drain
     def role_drained(self) -> bool:
-        return not self.jobs
+        self._release_sent()
+        return not self.jobs and not self.sending    # KV still on the wire would be lost
 
     def drain_step(self) -> bool:
         """Jobs already here finish (compute, grant, ship) until the drain timeout; then the

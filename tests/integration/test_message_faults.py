@@ -247,8 +247,8 @@ def kv_for(d: Service, grant: Grant) -> tuple[KVBlocks, list[bytes]]:
     """The KVBlocks message and frame for every block of ``grant`` (zeros)."""
     cache = d.svc.engine.runner.kv_cache
     n = 3 - grant.cached_blocks
-    shape = [*cache.shape[:2], n, *cache.shape[3:]]
-    data = bytes(cache[:, :, :n].numel() * cache.element_size())
+    shape = kv_transfer.wire_shape(cache, n)
+    data = bytes(cache[:n].numel() * cache.element_size())
     return (KVBlocks(grant.grant_id, grant.req_id, grant.cached_blocks, n,
                      kv_transfer.DTYPE_NAMES[cache.dtype], shape), [data])
 

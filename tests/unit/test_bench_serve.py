@@ -266,7 +266,7 @@ def test_cost_model_engine(cost_model_dir):
 
     engine, outs = run()
     assert isinstance(engine.runner, CostModelRunner)
-    assert engine.runner.kv_cache.shape == (2, 2, 64, 16, 1, 8)
+    assert engine.runner.kv_cache.shape == (64, 2, 2, 16, 1, 8)
     assert [len(outs[f"r{i}"]) for i in range(3)] == [5, 6, 7]
     # Every token is the runner's function of the previous token and its position.
     prompt = list(range(100, 148)) + [200] * 10

@@ -25,6 +25,7 @@ import dataclasses
 import itertools
 import math
 import os
+import time
 from typing import Any
 
 import msgpack
@@ -36,7 +37,7 @@ from hypothesis import strategies as st
 from fdpd.config import EngineConfig, InstanceConfig, PDConfig
 from fdpd.engine.engine import Engine
 from fdpd.pd.decode import DecodeService
-from fdpd.pd.kv_transfer import DTYPE_NAMES
+from fdpd.pd.kv_transfer import DTYPE_NAMES, wire_shape
 from fdpd.pd.prefill import PrefillService
 from fdpd.pd.protocol import (
     MESSAGE_TYPES,
@@ -381,6 +382,11 @@ class Harness:
 
     def assert_clean(self) -> None:
         bm = self.svc.engine.block_manager
+        for _ in range(200):            # shipped KV is freed once zmq released its frames
+            if not getattr(self.svc, "sending", None):
+                break
+            self.svc.tick()
+            time.sleep(0.005)
         assert self.svc.counters["handler_errors"] == 0, "a handler raised (see the log)"
         assert not self.svc.engine.has_unfinished_requests() and not self.svc.streams
         assert bm.num_free_blocks == bm.num_blocks, bm.owners()
@@ -391,7 +397,10 @@ def make_harness(service: type, role: str) -> Harness:
                                  max_model_len=128, max_num_seqs=8))
     svc = service(engine, PDConfig(), InstanceConfig(role=role, metrics_port=-1))
     sent: list[tuple[str, Message, list]] = []
-    svc.send = lambda address, msg, frames=(): sent.append((address, msg, list(frames)))
+    # Record what a peer would receive (the bytes), not the frames: a frame that views a cache
+    # block keeps that block held until zmq releases it, as on a real socket.
+    svc.send = lambda address, msg, frames=(): sent.append(
+        (address, msg, [bytes(getattr(f, "buffer", f)) for f in frames]))
     return Harness(svc, sent)
 
 
@@ -475,7 +484,7 @@ def kv_message(h: Harness, grant: Grant | None, step: dict) -> tuple[KVBlocks, l
     first = {"honest": honest_first, "other": honest_first + 1}.get(step["first"], step["first"])
     count = honest_count if step["count"] == "honest" else step["count"]
     n = max(1, honest_count)
-    tail = list(cache.shape)
+    tail = wire_shape(cache, 0)              # [layers, 2, n, block_size, kv_heads, head_dim]
     shape = {"honest": [*tail[:2], n, *tail[3:]], "zero": [*tail[:2], 0, *tail[3:]],
              "wrong_tail": [*tail[:2], n, tail[3] + 1, *tail[4:]],
              "negative": [*tail[:2], -n, *tail[3:]], "short": tail[:3]}[step["shape"]]

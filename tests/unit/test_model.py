@@ -48,7 +48,7 @@ def ckpt_dir(tmp_path_factory):
 def _kv_cache(loaded: LoadedModel, num_tokens: int, block_size: int = 16) -> torch.Tensor:
     c = loaded.config
     blocks = -(-num_tokens // block_size)
-    return torch.zeros(c.num_hidden_layers, 2, blocks, block_size, c.num_key_value_heads,
+    return torch.zeros(blocks, c.num_hidden_layers, 2, block_size, c.num_key_value_heads,
                        c.head_dim, dtype=getattr(torch, loaded.dtype))
 
 
@@ -68,9 +68,9 @@ def paged_logits(loaded: LoadedModel, ids: list[int]) -> torch.Tensor:
     """One prefill of ``ids`` through the paged model; blocks 0..n-1 in order."""
     t = len(ids)
     cache = _kv_cache(loaded, t)
-    span = PrefillSpan(token_start=0, num_new=t, start=0, key_slots=torch.arange(t),
+    span = PrefillSpan(token_start=0, num_new=t, start=0, key_blocks=None,
                        mask=_window_mask(loaded.config, 0, t))
-    meta = AttentionMetadata(slot_mapping=torch.arange(t), prefills=[span], decodes=[])
+    meta = AttentionMetadata.from_slots(torch.arange(t), cache.shape[3], [span], [])
     hidden = loaded.model(torch.tensor(ids), torch.arange(t), cache, meta)
     return loaded.model.compute_logits(hidden)
 
@@ -79,16 +79,15 @@ def paged_decode_logits(loaded: LoadedModel, ids: list[int]) -> torch.Tensor:
     """Prefill ``ids[:-1]``, then one decode step for ``ids[-1]``; its logits [vocab]."""
     t = len(ids)
     cache = _kv_cache(loaded, t)
-    span = PrefillSpan(token_start=0, num_new=t - 1, start=0, key_slots=torch.arange(t - 1),
-                       mask=None)
-    meta = AttentionMetadata(slot_mapping=torch.arange(t - 1), prefills=[span], decodes=[])
+    span = PrefillSpan(token_start=0, num_new=t - 1, start=0, key_blocks=None, mask=None)
+    meta = AttentionMetadata.from_slots(torch.arange(t - 1), cache.shape[3], [span], [])
     loaded.model(torch.tensor(ids[:-1]), torch.arange(t - 1), cache, meta)
     # One decode group: blocks 0..W-1 hold positions 0..t-1 (slot = position).
     bs = cache.shape[3]
     width = -(-t // bs)
     mask = (torch.arange(width * bs) < t)[None, None, None, :]
     group = DecodeGroup(torch.tensor([0]), torch.arange(width)[None], mask, run=(0, 1))
-    meta = AttentionMetadata(slot_mapping=torch.tensor([t - 1]), prefills=[], decodes=[group])
+    meta = AttentionMetadata.from_slots(torch.tensor([t - 1]), bs, [], [group])
     hidden = loaded.model(torch.tensor(ids[-1:]), torch.tensor([t - 1]), cache, meta)
     return loaded.model.compute_logits(hidden)[0]
 
