@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fdpd.engine.engine import RequestError, StepOutput
 from fdpd.pd.protocol import Abort, Submit, SubmitAck
-from fdpd.pd.service import InstanceService, RecentIds, Stream
+from fdpd.pd.service import InstanceService, Stream
 from fdpd.pd.transport import Inbound
 
 
@@ -14,21 +14,10 @@ class MixedService(InstanceService):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.handlers[Submit] = self.on_submit
-        self.submits = RecentIds()
-        self.counters["duplicates"] = 0
 
     def on_submit(self, inbound: Inbound) -> None:
         msg: Submit = inbound.msg
-        if not self.submits.add(msg.req_id):
-            self.counters["duplicates"] += 1        # its first copy got the one reply
-            return
-        if self.draining:
-            self.reject(msg.reply_to, msg.req_id, "instance is draining")
-            return
-        waiting = len(self.engine.scheduler.waiting)
-        if waiting >= self.pd.max_queued_requests:
-            self.reject(msg.reply_to, msg.req_id, f"queue is full ({waiting} requests waiting, "
-                        "--max-queued-requests)", retry_after=1.0)
+        if self.refuses_submit(msg, len(self.engine.scheduler.waiting), "requests waiting"):
             return
         try:
             req = self.build_request(msg)

@@ -62,28 +62,18 @@ class PrefillService(InstanceService):
         # (KV owner, trackers) of shipped requests whose frames may still be on the wire.
         self.sending: list[tuple[str, list]] = []
         self.peers: dict[str, str] = {}           # decode instance id -> inbox address
-        # Duplicates (a message delivered twice, maybe late) must not act twice: every Submit
-        # taken, and every request whose KV went out under its grant.
-        self.submits, self.shipped = RecentIds(), RecentIds()
+        # Duplicates (a message delivered twice, maybe late) must not act twice: every request
+        # whose KV went out under its grant (Submits: ``self.submits``, see the base class).
+        self.shipped = RecentIds()
         self.counters.update({"kv_bytes_sent": 0, "kv_blocks_sent": 0, "transfers": 0,
-                              "transfer_failures": 0, "grant_timeouts": 0, "duplicates": 0})
+                              "transfer_failures": 0, "grant_timeouts": 0})
 
     def on_submit(self, inbound: Inbound) -> None:
         msg: Submit = inbound.msg
-        if not self.submits.add(msg.req_id):
-            self.counters["duplicates"] += 1        # its first copy got the one reply
-            return
-        if self.draining:
-            self.reject(msg.reply_to, msg.req_id, "prefill is draining")
-            return
-        # Bounded queue: refuse now (the router tries another prefill or answers 503) rather
-        # than let the wait, and the memory, grow with the burst. Every request the scheduler
-        # holds here is queued work: one leaves it once its prompt is computed, and "running"
-        # only means its chunks are next in line (up to --max-num-seqs of them).
-        queued = len(self.engine.scheduler.requests)
-        if queued >= self.pd.max_queued_requests:
-            self.reject(msg.reply_to, msg.req_id, f"prefill queue is full ({queued} requests "
-                        "not yet prefilled, --max-queued-requests)", retry_after=1.0)
+        # Every request the scheduler holds here is queued work: one leaves it once its prompt
+        # is computed, and "running" only means its chunks are next in line.
+        if self.refuses_submit(msg, len(self.engine.scheduler.requests),
+                               "requests not yet prefilled"):
             return
         if not msg.decode_address:
             self.reject(msg.reply_to, msg.req_id, "a prefill instance needs a decode instance")

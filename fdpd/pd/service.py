@@ -70,6 +70,8 @@ class InstanceService:
         self.counters: dict[str, int] = {"unexpected_messages": 0, "handler_errors": 0,
                                          "rejected": 0, "migrated": 0}
         self.draining = False
+        self.submits = RecentIds()      # Submits taken (prefill, mixed): duplicates are dropped
+        self.counters["duplicates"] = 0
         self.drain_deadline = 0.0
         self._migrating: set[str] = set()       # streams stopped here, Migrate not sent yet
         self.handlers: dict[type[Message], Callable[[Inbound], None]] = {
@@ -228,6 +230,24 @@ class InstanceService:
                                        num_output_tokens=submit.num_output_tokens)
         req.prefill_only = prefill_only
         return req
+
+    def refuses_submit(self, msg: Submit, queued: int, queued_what: str) -> bool:
+        """The checks a Submit passes before anything is built for it (prefill, mixed): a
+        duplicate is dropped (its first copy got the one reply); a draining instance, or one
+        whose queue already holds ``queued`` >= --max-queued-requests, refuses it (retryable:
+        the router tries another instance or answers 503) instead of letting the wait, and
+        the memory, grow with a burst."""
+        if not self.submits.add(msg.req_id):
+            self.counters["duplicates"] += 1
+            return True
+        if self.draining:
+            self.reject(msg.reply_to, msg.req_id, f"{self.role} is draining")
+            return True
+        if queued >= self.pd.max_queued_requests:
+            self.reject(msg.reply_to, msg.req_id, f"{self.role} queue is full ({queued} "
+                        f"{queued_what}, --max-queued-requests)", retry_after=1.0)
+            return True
+        return False
 
     def reject(self, address: str, req_id: str, reason: str, retry_after: float = 0.0,
                retryable: bool = True) -> None:

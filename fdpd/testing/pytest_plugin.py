@@ -1,20 +1,25 @@
-"""pytest fixture ``cluster_factory``: make clusters that are stopped after the test.
+"""pytest fixtures ``cluster_factory`` (clusters that are stopped after the test) and
+``redis_url`` (a real Redis server for a test module).
 
 Enable with ``pytest_plugins = ["fdpd.testing.pytest_plugin"]`` in a top-level conftest.py.
 ``cluster_factory(**kwargs)`` takes :class:`fdpd.testing.Cluster`'s arguments and returns a
 started cluster logging under the test's ``tmp_path``. At teardown every cluster is checked for
 quiescence (unless the test already failed, so the first error stays the one reported) and
-stopped.
+stopped. ``redis_url`` starts ``redis-server`` on a free loopback port for the module (skips the
+module's tests when the binary is missing) and stops it by pid afterwards.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from fdpd.testing.harness import Cluster, ClusterError
+from fdpd.testing.processes import free_port
+from fdpd.testing.servers import start_redis, stop_server
 
 _REPORTS = pytest.StashKey[dict]()
 
@@ -52,3 +57,15 @@ def cluster_factory(request: pytest.FixtureRequest, tmp_path: Path
             errors.append(e)
     if errors:
         raise errors[0]
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server binary not found (apt-get install -y redis-server)")
+    port = free_port()
+    proc = start_redis(port)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop_server(proc)

@@ -5,7 +5,6 @@ one continuous, token-exact stream. SIGTERM on a prefill finishes its queue. Bot
 from __future__ import annotations
 
 import random
-import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,8 +14,6 @@ import torch
 
 from fdpd import LLM, SamplingParams
 from fdpd.testing import complete
-from fdpd.testing.processes import free_port
-from fdpd.testing.servers import start_redis, stop_server
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -36,16 +33,6 @@ def expected() -> list[list[int]]:
     outs = llm.generate(prompts(), SamplingParams(max_tokens=MAX_TOKENS, temperature=0,
                                                   ignore_eos=True))
     return [o.outputs[0].token_ids for o in outs]
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server binary not found (apt-get install -y redis-server)")
-    port = free_port()
-    proc = start_redis(port)
-    yield f"redis://127.0.0.1:{port}/0"
-    stop_server(proc)
 
 
 def stream(client, prompt):

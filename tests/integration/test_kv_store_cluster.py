@@ -5,7 +5,6 @@ earlier turns' KV from the shared store."""
 from __future__ import annotations
 
 import random
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -13,8 +12,6 @@ import torch
 
 from fdpd import LLM, SamplingParams
 from fdpd.testing import complete
-from fdpd.testing.processes import free_port
-from fdpd.testing.servers import start_redis, stop_server
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -37,16 +34,6 @@ def expected() -> list[list[int]]:
     outs = llm.generate(workload(), SamplingParams(max_tokens=MAX_TOKENS, temperature=0,
                                                    ignore_eos=True))
     return [o.outputs[0].token_ids for o in outs]
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server binary not found (apt-get install -y redis-server)")
-    port = free_port()
-    proc = start_redis(port)
-    yield f"redis://127.0.0.1:{port}/0"
-    stop_server(proc)
 
 
 def run_workload(cluster) -> list[list[int]]:
