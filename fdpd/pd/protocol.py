@@ -29,7 +29,9 @@ from typing import Any, ClassVar
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+# 2: KVBlocks may carry one frame per block (block-major caches send blocks zero-copy); a
+# version-1 peer would refuse those frames on every transfer, so it is refused at the envelope.
+PROTOCOL_VERSION = 2
 
 
 class ProtocolError(ValueError):
