@@ -641,8 +641,11 @@ COLUMNS = ("runs", "fault applied", "requests sent", "completed exact",
 
 def summary_rows(results: Sequence[RunResult]) -> list[tuple[str, list]]:
     by_kind: dict[str, list[RunResult]] = defaultdict(list)
+    order = {}
     for r in results:
-        by_kind[r.scenario.kind].append(r)
+        sc = r.scenario
+        by_kind[sc.kind].append(r)
+        order[sc.kind] = (TARGETS.index(sc.target), FAULTS.index(sc.fault), sc.moment)
 
     def row(rs: list[RunResult]) -> list:
         restarted = [r for r in rs if r.rejoined is not None]
@@ -653,7 +656,7 @@ def summary_rows(results: Sequence[RunResult]) -> list[tuple[str, list]]:
                 f"{sum(r.survivors_serve for r in rs)}/{len(rs)}",
                 f"{sum(bool(r.rejoined) for r in restarted)}/{len(restarted)}"]
 
-    rows = [(kind, row(by_kind[kind])) for kind in sorted(by_kind)]
+    rows = [(kind, row(by_kind[kind])) for kind in sorted(by_kind, key=order.get)]
     rows.append(("**total**", row(list(results))))
     return rows
 
@@ -756,7 +759,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for kind, row in summary_rows(results):
         print(f"{kind:48s} " + " ".join(f"{v!s:>6}" for v in row))
     if args.out:
-        command = " ".join(["scripts/chaos", *(argv if argv is not None else sys.argv[1:])])
+        command = f"scripts/chaos --runs {args.runs} --seed {base}" + (
+            " --chosen" if args.chosen else "")
         write_report(results, args.out, command=command, base_seed=base, date=args.date,
                      machine=args.machine, wall_seconds=wall)
         print(f"chaos: wrote {args.out}")

@@ -19,7 +19,7 @@ from fdpd.testing import free_port
 pytestmark = pytest.mark.timeout(120)
 
 ROOT = Path(fdpd.__file__).resolve().parent.parent
-SCRIPTS = ("cluster-start", "cluster-stop", "cluster-logs", "replay-trace", "fuzz")
+SCRIPTS = ("cluster-start", "cluster-stop", "cluster-logs", "replay-trace", "fuzz", "chaos")
 
 
 def run(script: str, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
