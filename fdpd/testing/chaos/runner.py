@@ -1,40 +1,18 @@
-"""The chaos suite: SIGKILL and SIGSTOP/SIGCONT of a prefill, a decode, the KV store (Redis) or
-the router, at chosen moments (fault points, ``fdpd.faults``) and at random ones, under a load
-of concurrent greedy requests; invariants checked after every scenario.
-
-A :class:`Scenario` is (target, fault, moment). Random scenarios derive from a seed, which also
-draws the load, so ``FDPD_CHAOS_SEED=<seed> python -m fdpd.testing.chaos`` replays a failure.
-:class:`ChaosRunner` keeps one cluster across scenarios (router, 2 prefill, 2 decode with a
-small pool and a Redis KV store so preemption, write-back and restore really happen; short
-leases and deadlines). Per scenario it arms the target's fault point (restarting the process
-with ``FDPD_FAULT_POINTS``), sends the load, applies the fault when the moment comes, restarts
-what was killed (the router on its own ports, Redis on its port), waits for quiescence, and
-checks: every request ended by its deadline (else *hung*); every completed output equals the
-offline engine's, token for token, with finite logprobs equal to its own (else *wrong*/*NaN*);
-every other request ended with a clean error (an OpenAI error body, an SSE error event, or a
-connection error while the router itself was down); every live instance is idle with all of
-its blocks free and its ledger at zero (else *leaked*); every instance serves a fresh request
-exactly; a restarted process came back with a larger epoch.
-
-``python -m fdpd.testing.chaos --runs 50 --out RELIABILITY.md`` (``scripts/chaos``) runs
-random scenarios and writes the table; ``tests/integration/test_chaos.py`` runs the chosen
-ones (:data:`CHOSEN`) and two random seeds in CI.
-"""
+"""The chaos runner: one cluster with a Redis KV store kept across scenarios
+(:class:`ChaosRunner`), the load and the offline reference it is checked against, and one
+run's results (:class:`RunResult`)."""
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import random
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,24 +20,12 @@ from pathlib import Path
 import httpx
 
 from fdpd.faults import ENV as FAULT_ENV
-from fdpd.faults import POINTS, Fault, format_spec
+from fdpd.faults import Fault, format_spec
+from fdpd.testing.chaos.scenarios import TOKENS, Scenario
 from fdpd.testing.client import Completion, complete
 from fdpd.testing.harness import Cluster, ClusterError
 from fdpd.testing.processes import ClusterProcess, free_port
 from fdpd.testing.servers import start_redis, stop_server
-
-TARGETS = ("prefill", "decode", "store", "router")
-FAULTS = ("kill", "stop-cont", "stop-kill")
-# The fault points at which each target can be broken. A store fault at a kvstore.* point
-# stops the decode there, breaks Redis, then lets the decode go on into the broken store.
-TARGET_POINTS = {"prefill": ("prefill.await_grant", "prefill.kv_send"),
-                 "decode": ("decode.kv_received", "decode.step", "kvstore.write",
-                            "kvstore.restore"),
-                 "store": ("kvstore.write", "kvstore.restore"),
-                 "router": ()}
-DELAY = "delay"            # a random delay after the load starts
-TOKENS = "tokens"          # once the clients received N streamed tokens (mid-decode)
-MOMENT_NAMES = {DELAY: "random delay", TOKENS: "streamed tokens"}
 
 # Deadlines short enough that a run ends in seconds: a lease outlasts a healthy transfer, a
 # request outlasts three attempts at it; the router declares an instance dead after
@@ -71,69 +37,6 @@ QUIESCENT_TIMEOUT = 15.0   # > lease + transfer timeout: leftovers must be gone 
 STORE_TIMEOUT = 0.5
 DECODE_BLOCKS = 64         # ~4 requests at full length: growth forces preemptions
 LOGPROB_TOLERANCE = 1e-3
-
-
-# ---------------------------------------------------------------------- scenarios
-@dataclass(frozen=True)
-class Scenario:
-    target: str                # prefill | decode | store | router
-    fault: str                 # kill | stop-cont | stop-kill
-    moment: str                # a fault point, DELAY or TOKENS
-    hit: int = 1               # fault point: its N-th hit; TOKENS: N tokens streamed
-    delay: float = 1.0         # DELAY: seconds after the load started
-    pause: float = 2.5         # seconds the target stays stopped, or down before its restart
-    instance: int = 0          # which prefill/decode is the target (or hosts the point)
-    seed: int = 0              # draws the load (and, for random scenarios, all of the above)
-    num_requests: int = 16
-
-    def __post_init__(self) -> None:
-        if self.target not in TARGETS or self.fault not in FAULTS:
-            raise ValueError(f"target must be one of {TARGETS} and fault one of {FAULTS}: "
-                             f"{self}")
-        if self.moment not in (*TARGET_POINTS[self.target], DELAY, TOKENS):
-            raise ValueError(f"{self.target} cannot be hit at {self.moment!r}; choose from "
-                             f"{[*TARGET_POINTS[self.target], DELAY, TOKENS]}")
-
-    @property
-    def at_point(self) -> bool:
-        return self.moment in POINTS
-
-    @property
-    def kind(self) -> str:
-        return f"{self.fault} {self.target} @ {MOMENT_NAMES.get(self.moment, self.moment)}"
-
-    def describe(self) -> str:
-        when = {DELAY: f"{self.delay:g} s into the load", TOKENS: f"after {self.hit} tokens"
-                }.get(self.moment, f"hit {self.hit} of {self.moment}")
-        role = "decode" if self.target == "store" else self.target
-        who = f"{role}-{self.instance}" if role in ("prefill", "decode") else self.target
-        return (f"{self.fault} {who} {when}, pause {self.pause:g} s, {self.num_requests} "
-                f"requests, seed {self.seed}")
-
-
-def random_scenario(seed: int) -> Scenario:
-    """Everything about a run, drawn from ``seed``."""
-    rng = random.Random(seed)
-    target, fault = rng.choice(TARGETS), rng.choice(FAULTS)
-    moment = rng.choice([*TARGET_POINTS[target], DELAY, TOKENS])
-    hit = {"decode.step": rng.randint(5, 120), TOKENS: rng.randint(20, 600)}.get(
-        moment, rng.randint(1, 3))
-    return Scenario(target, fault, moment, hit, delay=round(rng.uniform(0.1, 1.5), 2),
-                    pause=round(rng.uniform(0.3, 4.0), 2), instance=rng.randrange(2),
-                    seed=seed, num_requests=rng.randint(12, 24))
-
-
-# Each target at each kind of moment once (the CI short mode).
-CHOSEN = (
-    Scenario("prefill", "kill", "prefill.await_grant", 2, pause=0.5, seed=101),
-    Scenario("prefill", "stop-kill", "prefill.kv_send", 2, pause=1.0, seed=102),
-    Scenario("decode", "kill", "decode.step", 40, pause=0.5, seed=103),
-    Scenario("decode", "stop-cont", "decode.step", 40, pause=2.5, seed=104),
-    Scenario("store", "kill", "kvstore.write", 1, pause=1.0, seed=105, num_requests=24),
-    Scenario("store", "stop-cont", "kvstore.restore", 1, pause=1.0, seed=106,
-             num_requests=24),
-    Scenario("router", "kill", TOKENS, 150, pause=0.3, seed=107),
-)
 
 
 # ---------------------------------------------------------------------- load and reference
@@ -630,142 +533,3 @@ class ChaosRunner:
             self.say(f"  recovery failed ({type(e).__name__}); starting a fresh cluster")
             cluster.close(check=False)
             self._start_cluster()
-
-
-# ---------------------------------------------------------------------- the report
-NOTES_MARKER = "<!-- notes: kept when scripts/chaos rewrites this file -->"
-COLUMNS = ("runs", "fault applied", "requests sent", "completed exact",
-           "ended with a clean error", "hung", "leaked blocks", "wrong outputs", "NaN",
-           "survivors served", "rejoined with new epoch")
-
-
-def summary_rows(results: Sequence[RunResult]) -> list[tuple[str, list]]:
-    by_kind: dict[str, list[RunResult]] = defaultdict(list)
-    order = {}
-    for r in results:
-        sc = r.scenario
-        by_kind[sc.kind].append(r)
-        order[sc.kind] = (TARGETS.index(sc.target), FAULTS.index(sc.fault), sc.moment)
-
-    def row(rs: list[RunResult]) -> list:
-        restarted = [r for r in rs if r.rejoined is not None]
-        return [len(rs), sum(r.applied for r in rs), sum(r.sent for r in rs),
-                sum(r.exact for r in rs), sum(r.clean_errors for r in rs),
-                sum(r.hung for r in rs), sum(r.leaked_blocks for r in rs),
-                sum(r.wrong for r in rs), sum(r.nan for r in rs),
-                f"{sum(r.survivors_serve for r in rs)}/{len(rs)}",
-                f"{sum(bool(r.rejoined) for r in restarted)}/{len(restarted)}"]
-
-    rows = [(kind, row(by_kind[kind])) for kind in sorted(by_kind, key=order.get)]
-    rows.append(("**total**", row(list(results))))
-    return rows
-
-
-def write_report(results: Sequence[RunResult], path: str | os.PathLike, *, command: str,
-                 base_seed: int, date: str, machine: str, wall_seconds: float) -> None:
-    failed = [r for r in results if not r.passed]
-    lines = [
-        "# Reliability: the chaos suite",
-        "",
-        "A real cluster (router, 2 prefill, 2 decode with a 64-block pool, a Redis KV store, "
-        "tiny model) under 12-24 concurrent greedy requests (streamed and not, shared prefixes, "
-        "some with logprobs). Each run SIGKILLs or SIGSTOPs (then SIGCONTs or SIGKILLs) one of "
-        "a prefill, a decode, Redis or the router, at a fault point (`fdpd/faults.py`: "
-        "awaiting a grant, between KV frames, KV received, mid-decode step, mid-write-back, "
-        "mid-restore), after N streamed tokens, or at a random delay; what was killed is "
-        "restarted (the router on its own ports, Redis on its port). Deadlines: grant lease "
-        f"{GRANT_TTL:g} s, transfer {TRANSFER_TIMEOUT:g} s, request {REQUEST_TIMEOUT:g} s, "
-        f"KV-store call {STORE_TIMEOUT:g} s, heartbeats every {HEARTBEAT:g} s.",
-        "",
-        "Checked after every run, once the cluster is quiescent:",
-        "",
-        f"- **hung**: a request that did not end by its deadline + {CLIENT_MARGIN:g} s (must "
-        "be 0);",
-        "- **completed exact**: a completed output equal, token for token, to the offline "
-        "engine (`fdpd.LLM`) on the same prompt; **wrong outputs**: completed but not exact, "
-        "or cut off with neither a finish reason nor an error (must be 0);",
-        "- **ended with a clean error**: an HTTP error with an OpenAI error body, an SSE error "
-        "event, or a connection error while the router itself was down;",
-        "- **leaked blocks**: blocks still held on a live instance once it should be idle, or "
-        "a decode ledger not back to zero (grants, reservations, queued allocations) within "
-        f"{QUIESCENT_TIMEOUT:g} s (must be 0);",
-        f"- **NaN**: a request with logprobs that are not finite or differ from the offline "
-        f"engine's by more than {LOGPROB_TOLERANCE:g} (must be 0);",
-        "- **survivors served**: afterwards, fresh requests are exact and every prefill and "
-        "decode took part; **rejoined**: every restarted process (router included) "
-        "registered with a larger epoch (Redis: answers again).",
-        "",
-        f"Command: `{command}` (base seed {base_seed}; run *i* uses seed base + *i*; replay "
-        "one run with `FDPD_CHAOS_SEED=<seed> scripts/chaos`). Date: "
-        f"{date}. Machine: {machine}. Wall time: {wall_seconds / 60:.1f} min for "
-        f"{len(results)} runs.",
-        "",
-        "| scenario | " + " | ".join(COLUMNS) + " |",
-        "| --- | " + " | ".join("---:" for _ in COLUMNS) + " |",
-    ]
-    for kind, row in summary_rows(results):
-        lines.append(f"| {kind} | " + " | ".join(str(v) for v in row) + " |")
-    lines += ["", f"Runs passed: {len(results) - len(failed)} of {len(results)}. A run whose "
-              "moment never came (e.g. no write-back happened on that decode) still checks "
-              "everything above; it is counted under *fault applied*. Meanwhile the decodes "
-              f"preempted {sum(r.preemptions for r in results)} times, wrote back "
-              f"{sum(r.blocks_written for r in results)} KV blocks to Redis and restored "
-              f"{sum(r.blocks_restored for r in results)} (counters of restarted decodes "
-              "start again from zero, so these are lower bounds).", ""]
-    if failed:
-        lines += ["Failed runs (replay with `FDPD_CHAOS_SEED`):", ""]
-        for r in failed:
-            lines.append(f"- seed {r.scenario.seed}: {r.scenario.describe()}: "
-                         + "; ".join(p.splitlines()[0][:300] for p in r.problems))
-        lines.append("")
-    # Hand-written notes (the bugs the suite found) follow a marker and survive a re-run.
-    path = Path(path)
-    old = path.read_text() if path.exists() else ""
-    notes = old[old.index(NOTES_MARKER):] if NOTES_MARKER in old else f"{NOTES_MARKER}\n"
-    path.write_text("\n".join(lines) + "\n" + notes)
-
-
-# ---------------------------------------------------------------------- command line
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m fdpd.testing.chaos", description="Run random seeded chaos scenarios "
-        "against a local cluster and write the reliability table.")
-    parser.add_argument("--runs", type=int, default=50, help="random scenarios to run")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="base seed (default: from the clock); run i uses seed+i")
-    parser.add_argument("--chosen", action="store_true",
-                        help="also run the chosen scenarios of the CI suite first")
-    parser.add_argument("--out", default=None, help="write the markdown report here")
-    parser.add_argument("--log-dir", default=None, help="keep the cluster logs here")
-    parser.add_argument("--date", default=time.strftime("%Y-%m-%d"))
-    parser.add_argument("--machine", default=f"{os.cpu_count()}-core CPU")
-    args = parser.parse_args(argv)
-    replay = os.environ.get("FDPD_CHAOS_SEED")
-    if replay:
-        scenarios = [random_scenario(int(replay))]
-        base = int(replay)
-    else:
-        base = args.seed if args.seed is not None else int(time.time()) % 1_000_000
-        scenarios = [*(CHOSEN if args.chosen else ()),
-                     *(random_scenario(base + i) for i in range(args.runs))]
-    print(f"chaos: {len(scenarios)} scenarios, base seed {base}", flush=True)
-    t0 = time.monotonic()
-    results: list[RunResult] = []
-    with ChaosRunner(args.log_dir) as runner:
-        for i, sc in enumerate(scenarios):
-            print(f"[{i + 1}/{len(scenarios)}] ", end="", flush=True)
-            results.append(runner.run(sc))
-    wall = time.monotonic() - t0
-    for kind, row in summary_rows(results):
-        print(f"{kind:48s} " + " ".join(f"{v!s:>6}" for v in row))
-    if args.out:
-        command = f"scripts/chaos --runs {args.runs} --seed {base}" + (
-            " --chosen" if args.chosen else "")
-        write_report(results, args.out, command=command, base_seed=base, date=args.date,
-                     machine=args.machine, wall_seconds=wall)
-        print(f"chaos: wrote {args.out}")
-    return 0 if all(r.passed for r in results) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
