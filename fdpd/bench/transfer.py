@@ -139,7 +139,7 @@ def run(setup: Setup, sizes: list[int], repeats: int,
                 parent.send(("fdpd", n, transport.address))
                 t0 = time.perf_counter()
                 send_kv_blocks(lambda m, f: transport.send(decode_addr, m, f), cache, "g",
-                               "r", ids, 0, pool, setup.frame_bytes)
+                               "r", ids, 0, pool, setup.frame_bytes)   # cache never written
                 transport.send(decode_addr, PrefillDone("g", "r", 0, None, n, 0))
                 ack = transport.recv(60)
                 t1 = time.perf_counter()

@@ -28,6 +28,7 @@ from fdpd.pd.protocol import (
     GrantExpired,
     KVBlocks,
     PrefillDone,
+    Reject,
     Tokens,
     TransferResult,
 )
@@ -249,7 +250,7 @@ class DecodeService(InstanceService):
         msg: Abort = inbound.msg
         self.allocs.add(msg.req_id)         # an AllocRequest it overtook must get no grant
         self.engine.abort_request(msg.req_id)
-        self.streams.pop(msg.req_id, None)
+        self.forget_stream(msg.req_id)
         g = self.ledger.grant_for(msg.req_id)
         if g is not None:
             self.ledger.release(g.grant_id)
@@ -274,13 +275,16 @@ class DecodeService(InstanceService):
     def drain_step(self) -> bool:
         done = super().drain_step()
         if done:
-            # Out of time with transfers still open: end their leases now, as expiry would.
+            # Out of time with transfers still open: end their leases now. The prefill drops
+            # the job; the router retries the request elsewhere, blaming this decode (a
+            # GrantExpired would blame the prefill, which did nothing wrong).
             for gid in list(self.ledger.grants):
                 g = self.ledger.release(gid, expired=True)
                 if g is not None:
-                    expired = GrantExpired(g.grant_id, g.req_id)
-                    self.send(g.reply_to, expired)
-                    self.send(g.msg.router_reply_to, expired)
+                    self.send(g.reply_to, GrantExpired(g.grant_id, g.req_id))
+                    self.send(g.msg.router_reply_to, Reject(
+                        g.req_id, "decode drained before the KV transfer finished",
+                        origin=self.instance_id))
         return done
 
 

@@ -127,16 +127,19 @@ def wire_shape(kv_cache: torch.Tensor, num_blocks: int) -> list[int]:
 
 def send_kv_blocks(send: Callable[[Message, list], None], kv_cache: torch.Tensor,
                    grant_id: str, req_id: str, block_ids: Sequence[int], first_index: int,
-                   pool: StagingPool, max_message_bytes: int = MAX_MESSAGE_BYTES
-                   ) -> tuple[int, list[zmq.MessageTracker]]:
+                   pool: StagingPool, max_message_bytes: int = MAX_MESSAGE_BYTES,
+                   trackers: list[zmq.MessageTracker] | None = None) -> int:
     """Send the KV of ``block_ids`` (grant-relative indices from ``first_index``) in messages
-    of at most ``max_message_bytes``. Returns the bytes sent and the trackers of the frames
-    that view ``kv_cache`` directly: those blocks must not be written until all are done."""
+    of at most ``max_message_bytes``. Returns the bytes sent. The tracker of every frame that
+    views ``kv_cache`` directly is appended to ``trackers`` as the frame is made (so a caller
+    has them even if a later send raises): those blocks must not be written until all are
+    done."""
+    trackers = [] if trackers is None else trackers
     per_block = kv_cache[0].numel() * kv_cache.element_size()
     step = max(1, max_message_bytes // per_block)
     dtype = DTYPE_NAMES[kv_cache.dtype]
     on_cpu = kv_cache.device.type == "cpu"
-    sent, trackers = 0, []
+    sent = 0
     for i in range(0, len(block_ids), step):
         chunk = block_ids[i:i + step]
         if on_cpu:
@@ -155,7 +158,7 @@ def send_kv_blocks(send: Callable[[Message, list], None], kv_cache: torch.Tensor
                       wire_shape(kv_cache, len(chunk))), frames)
         sent += len(chunk) * per_block
         fault_point("prefill.kv_send")
-    return sent, trackers
+    return sent
 
 
 def _buffer(frame) -> memoryview:

@@ -48,4 +48,4 @@ class MixedService(InstanceService):
         msg: Abort = inbound.msg
         self.submits.add(msg.req_id)        # a Submit it overtook must not start the request
         self.engine.abort_request(msg.req_id)
-        self.streams.pop(msg.req_id, None)
+        self.forget_stream(msg.req_id)

@@ -2,10 +2,11 @@
 
 Per request: Submit (from the router) -> AllocRequest to the chosen decode, and the prompt is
 computed at once, without waiting for the grant. When both the grant and the first token are
-there, the KV of the blocks decode does not already hold is gathered once into a staging buffer,
-P's blocks are released (they stay in P's prefix cache), and the frames go out with
-``PrefillDone``. Every wait has a deadline; a refusal from decode goes back to the router. A
-duplicated Submit or Grant acts once; a Submit that an Abort overtook starts nothing.
+there, the KV of the blocks decode does not already hold goes out as zero-copy frames straight
+from the cache, then ``PrefillDone``; P's blocks are released (they stay in P's prefix cache)
+once libzmq has sent those frames (``Shipment``). Every wait has a deadline; a refusal from
+decode goes back to the router. A duplicated Submit or Grant acts once; a Submit that an Abort
+overtook starts nothing.
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ class PrefillJob:
     granted_at: float = 0.0                # when the grant arrived
 
 
+@dataclass
+class Shipment:
+    """A shipped request's KV blocks, held while zero-copy frames view them."""
+    owner: str                             # the block manager owner holding them
+    trackers: list                         # one zmq tracker per frame
+    address: str                           # the decode they went to
+    deadline: float                        # past it, the decode is presumed gone
+
+
 class PrefillService(InstanceService):
     role = "prefill"
 
@@ -59,14 +69,15 @@ class PrefillService(InstanceService):
                               TransferResult: self.on_transfer_result})
         self.jobs: dict[str, PrefillJob] = {}
         self.staging = kv_transfer.StagingPool()
-        # (KV owner, trackers) of shipped requests whose frames may still be on the wire.
-        self.sending: list[tuple[str, list]] = []
+        # Shipped requests whose frames may still be on the wire.
+        self.sending: list[Shipment] = []
         self.peers: dict[str, str] = {}           # decode instance id -> inbox address
         # Duplicates (a message delivered twice, maybe late) must not act twice: every request
         # whose KV went out under its grant (Submits: ``self.submits``, see the base class).
         self.shipped = RecentIds()
         self.counters.update({"kv_bytes_sent": 0, "kv_blocks_sent": 0, "transfers": 0,
-                              "transfer_failures": 0, "grant_timeouts": 0})
+                              "transfer_failures": 0, "grant_timeouts": 0,
+                              "kv_sends_abandoned": 0})
 
     def on_submit(self, inbound: Inbound) -> None:
         msg: Submit = inbound.msg
@@ -152,11 +163,12 @@ class PrefillService(InstanceService):
             blocks = self.engine.block_manager.owned(owner)[grant.cached_blocks:num_kv]
             trackers: list = []
             try:
-                kv_blocks_sent, trackers = self._send_kv(job, blocks)
+                kv_blocks_sent = self._send_kv(job, blocks, trackers)
             finally:
                 # The frames are views of these blocks: they stay held (nobody can reuse and
-                # overwrite them) until libzmq has sent every frame.
-                self.sending.append((owner, trackers))
+                # overwrite them) until libzmq has sent every frame, or gave up on the peer.
+                self.sending.append(Shipment(owner, trackers, job.decode_address,
+                                             time.monotonic() + self.pd.grant_ttl))
                 self._release_sent()
         self.send(job.decode_address, PrefillDone(
             grant.grant_id, req.request_id, token, logprob, kv_blocks_sent,
@@ -187,23 +199,33 @@ class PrefillService(InstanceService):
         return {"phases": phases, "kv_send": kv_send, "grant_hold": now - job.granted_at,
                 "prefill_instance": self.instance_id}
 
-    def _send_kv(self, job: PrefillJob, blocks: list[int]) -> tuple[int, list]:
-        sent, trackers = kv_transfer.send_kv_blocks(
+    def _send_kv(self, job: PrefillJob, blocks: list[int], trackers: list) -> int:
+        sent = kv_transfer.send_kv_blocks(
             lambda msg, frames: self.send(job.decode_address, msg, frames),
             self.engine.runner.kv_cache, job.grant.grant_id, job.req.request_id, blocks,
-            job.grant.cached_blocks, self.staging)
+            job.grant.cached_blocks, self.staging, trackers=trackers)
         self.counters["kv_bytes_sent"] += sent
         self.counters["kv_blocks_sent"] += len(blocks)
-        return len(blocks), trackers
+        return len(blocks)
 
     def _release_sent(self) -> None:
-        """Free the KV of shipped requests whose frames libzmq has released."""
+        """Free the KV of shipped requests whose frames libzmq has released. A shipment still
+        unsent after the grant's lifetime is for a decode that is gone (its grant has expired
+        there anyway): its connection is dropped, which releases the frames, and the blocks
+        are freed on a later tick."""
         still = []
-        for owner, trackers in self.sending:
-            if all(t.done for t in trackers):
-                self.engine.block_manager.free(owner)
-            else:
-                still.append((owner, trackers))
+        now = time.monotonic()
+        for s in self.sending:
+            if all(t.done for t in s.trackers):
+                self.engine.block_manager.free(s.owner)
+                continue
+            if now >= s.deadline:
+                log.warning("KV for %s not sent within %.0f s; dropping the connection to %s",
+                            s.owner, self.pd.grant_ttl, s.address)
+                self.transport.drop_peer(s.address)
+                self.counters["kv_sends_abandoned"] += 1
+                s.deadline = float("inf")
+            still.append(s)
         self.sending = still
 
     def on_reject(self, inbound: Inbound) -> None:

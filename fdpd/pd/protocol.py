@@ -212,8 +212,10 @@ class Grant(Message):
 @dataclass
 class KVBlocks(Message):
     """prefill -> decode: the KV of ``num_blocks`` granted blocks starting at grant index
-    ``first_block``; one extra frame holding ``[layers, 2, num_blocks, block_size, heads, dim]``
-    of ``dtype`` in C order."""
+    ``first_block``, of ``dtype``; ``shape`` is ``[layers, 2, num_blocks, block_size, heads,
+    dim]``. The KV follows as ``num_blocks`` extra frames, one block's ``[layers, 2,
+    block_size, heads, dim]`` each, or as one frame of the whole shape, C order either way
+    (see ``fdpd.pd.kv_transfer``)."""
     TYPE: ClassVar[str] = "kv_blocks"
     grant_id: str
     req_id: str

@@ -146,18 +146,25 @@ class InstanceService:
         channel, so they arrive first)."""
         sched = self.engine.scheduler
         for req_id in self.streams.keys() - self._migrating:
-            if sched.preemption.restores and any(r.request_id == req_id for r in sched.running):
+            if sched.preemption.restores and self.streams[req_id].req in sched.running:
                 sched.preempt(req_id)
             self.engine.abort_request(req_id)
             self._migrating.add(req_id)
         if not self._migrating or (sched.preemption.pending() and not late):
             return
         for req_id in sorted(self._migrating):
-            s = self.streams.pop(req_id)
+            s = self.streams.pop(req_id, None)
+            if s is None:
+                continue                        # aborted meanwhile: nothing to resume
             self.send(s.reply_to, Migrate(req_id, s.req.num_output_tokens,
                                           f"{self.instance_id} is draining"))
             self.counters["migrated"] += 1
         self._migrating.clear()
+
+    def forget_stream(self, req_id: str) -> None:
+        """The router ended ``req_id`` (Abort): stop streaming it, and never migrate it."""
+        self.streams.pop(req_id, None)
+        self._migrating.discard(req_id)
 
     def run_once(self) -> None:
         now = time.monotonic()
@@ -166,11 +173,14 @@ class InstanceService:
             self._heartbeat()
             self._next_heartbeat = now + self.pd.heartbeat_interval
         busy = self.engine.has_unfinished_requests()
-        # Idle: sleep in the socket queue until a message comes (bounded, for timers).
+        # Idle: sleep in the socket queue until a message comes (bounded, for timers). Take
+        # at most what was queued when we looked, so a steady inflow cannot starve the step.
+        budget = self.transport.backlog() + 1
         inbound = self.transport.recv(None if busy else 0.01)
         while inbound is not None:
             self._dispatch(inbound)
-            inbound = self.transport.recv()
+            budget -= 1
+            inbound = self.transport.recv() if budget > 0 else None
         self.tick()
         if self.engine.has_unfinished_requests():
             self.on_step(self.engine.step())

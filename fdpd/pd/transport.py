@@ -123,16 +123,30 @@ class Transport:
     # ----------------------------------------------------------------- any thread
     def send(self, address: str, msg: Message, frames: Sequence = ()) -> None:
         """Queue ``msg`` (plus raw ``frames``) for ``address``. Never blocks on the network."""
+        parts = [self.codec.encode(msg), *frames]
+        if self._auth is not None:
+            parts.append(self._auth.sign(parts))
+        self._push().send_multipart([address.encode(), *parts], copy=False)
+
+    def _push(self) -> zmq.Socket:
+        """This thread's inproc PUSH into the IO thread."""
         push = getattr(self._local, "push", None)
         if push is None:
             push = self._ctx.socket(zmq.PUSH)
             push.setsockopt(zmq.LINGER, 0)
             push.connect(self._ctl)
             self._local.push = push
-        parts = [self.codec.encode(msg), *frames]
-        if self._auth is not None:
-            parts.append(self._auth.sign(parts))
-        push.send_multipart([address.encode(), *parts], copy=False)
+        return push
+
+    def drop_peer(self, address: str) -> None:
+        """Close the connection to ``address``, discarding what is still queued for it (a peer
+        that is gone for good): libzmq then releases those messages' zero-copy frames, so
+        their trackers complete and the memory they view can be reused."""
+        self._push().send_multipart([b"", address.encode()])
+
+    def backlog(self) -> int:
+        """Inbound messages waiting for the engine loop."""
+        return self._inbound.qsize()
 
     def recv(self, timeout: float | None = None) -> Inbound | None:
         try:
@@ -197,11 +211,26 @@ class Transport:
                             self._deliver(parts, lambda reply, s=sock:
                                           s.send_multipart(reply, zmq.NOBLOCK))
         finally:
-            for s in (inbox, ctl, *dealers.values()):
-                s.close(0)
+            # What the loop handed over before close() still goes out (a drain's last Migrate
+            # or Reject), given a second to leave; nothing new is read.
+            try:
+                while True:
+                    self._forward(ctl.recv_multipart(zmq.NOBLOCK, copy=False), dealers, poller)
+            except zmq.ZMQError:
+                pass
+            for s in dealers.values():
+                s.close(linger=1000)
+            inbox.close(0)
+            ctl.close(0)
 
     def _forward(self, parts: list[zmq.Frame], dealers: dict[str, zmq.Socket],
                  poller: zmq.Poller) -> None:
+        if not parts[0].bytes:                      # drop_peer
+            sock = dealers.pop(parts[1].bytes.decode(), None)
+            if sock is not None:
+                poller.unregister(sock)
+                sock.close(0)
+            return
         address = parts[0].bytes.decode()
         sock = dealers.get(address)
         if sock is None:

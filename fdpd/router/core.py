@@ -267,7 +267,7 @@ class RouterCore:
                             event = await asyncio.wait_for(flight.queue.get(),
                                                            max(remaining, 0))
                     except asyncio.TimeoutError:
-                        if flight.streamed:
+                        if flight.streamed or generated:
                             raise StreamBroken("request deadline passed") from None
                         raise RouterError(504, "timeout", "the request did not complete "
                                           f"within {self.pd.request_timeout:.0f} s") from None
@@ -289,6 +289,8 @@ class RouterCore:
                     if isinstance(event, Failure):
                         if flight.streamed:
                             raise StreamBroken(f"request failed mid-stream: {event.reason}")
+                        if event.final and generated:
+                            raise StreamBroken(f"resumed request refused: {event.reason}")
                         if event.final:
                             code = "invalid_request" if event.status == 400 else "aborted"
                             raise RouterError(event.status, code, event.reason)
@@ -429,7 +431,8 @@ class RouterCore:
                 self._instance_lost(old, f"instance {old.instance_id} restarted")
         elif isinstance(msg, Migrate):
             flight = self.inflight.get(msg.req_id)
-            if flight is not None:
+            # Only the instance streaming the request can hand it back.
+            if flight is not None and flight.decode.instance_id == env.src:
                 flight.queue.put_nowait(msg)
         elif isinstance(msg, SubmitAck):
             flight = self.inflight.get(msg.req_id)
