@@ -196,6 +196,10 @@ def test_full_prefill_queue_answers_503_and_429s_do_not_wait_for_instances(clust
                          and router_view(cluster)["admission"]["refused"]
                          == refused_before + len(cases) - MAX_INFLIGHT, 10,
                          what="every seat held by a dispatched request, the rest refused")
+        # The router counted its refusals; their answers reach the client a moment later.
+        # The prefill is stopped, so nothing else can complete meanwhile.
+        cluster.wait_for(lambda: sum(f.done() for f in futures) >= len(cases) - MAX_INFLIGHT,
+                         10, what="the refused requests answered")
         early = [f for f in futures if f.done()]
         assert len(early) == len(cases) - MAX_INFLIGHT
         assert all(f.result()[0].status == 429 for f in early)
