@@ -155,6 +155,9 @@ class PDConfig:
                                               "larger one gets 413 without being read "
                                               "(default: 16 bytes per token of --max-model-len,"
                                               " at least 1 MiB).")
+    request_body_timeout: float = _opt(30.0, "Router: seconds a client may take to send a "
+                                       "request body; a slower one gets 408 and gives its "
+                                       "admission seat back.")
     max_queued_requests: int = _opt(256, "Most requests queued on an instance: prefill: not "
                                     "yet prefilled; mixed: waiting to start; decode: grant "
                                     "requests waiting for room. Past it a new one is refused "
@@ -166,7 +169,7 @@ class PDConfig:
             raise ConfigError("reserve_tokens", f"must be an integer >= 0, got "
                               f"{self.reserve_tokens!r}")
         for name in ("grant_ttl", "transfer_timeout", "request_timeout", "heartbeat_interval",
-                     "drain_timeout"):
+                     "drain_timeout", "request_body_timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(name, f"must be a positive number of seconds, got {value!r}")

@@ -12,6 +12,7 @@ requests a new one gets 429 with Retry-After, and a body over ``--max-request-bo
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -62,6 +63,7 @@ def create_app(core: RouterCore, *, api_key: str | None = None,
     app.state.ctx = ctx
     install_error_handlers(app)
     app.add_exception_handler(_BodyTooLarge, _answer_body_too_large)
+    app.add_exception_handler(_BodyTooSlow, _answer_body_too_slow)
     # RouterCore's bounds; a test double of the core may have none (then nothing is bounded).
     admission = getattr(core, "admission", None)
     if admission is not None:
@@ -206,7 +208,7 @@ class _AdmissionMiddleware:
         if length.isdigit() and int(length) > limit:
             await _body_too_large(limit).response()(scope, receive, send)
             return
-        bounded = _bounded_receive(receive, limit)
+        bounded = _bounded_receive(receive, limit, self.admission.body_timeout)
         if scope["method"] != "POST" or scope["path"] not in GENERATION_PATHS:
             await self.app(scope, bounded, send)
             return
@@ -244,16 +246,45 @@ async def _answer_body_too_large(request: Request, exc: Exception) -> Response:
     return _body_too_large(exc.limit).response()
 
 
-def _bounded_receive(receive: Receive, limit: int) -> Receive:
+class _BodyTooSlow(StarletteHTTPException):
+    """The body did not arrive within --request-body-timeout (a trickling client would
+    otherwise hold its admission seat for as long as it likes)."""
+
+    def __init__(self, timeout: float):
+        super().__init__(408)
+        self.timeout = timeout
+
+
+async def _answer_body_too_slow(request: Request, exc: Exception) -> Response:
+    return APIError(408, f"the request body did not arrive within {exc.timeout:g} s "
+                    "(--request-body-timeout)", code="request_timeout").response()
+
+
+def _bounded_receive(receive: Receive, limit: int, timeout: float) -> Receive:
+    """``receive`` while the body arrives: at most ``limit`` bytes within ``timeout`` seconds
+    of the first read; after the body (disconnect watching) it is ``receive`` unchanged."""
     received = 0
+    deadline: float | None = None
+    body_done = False
 
     async def bounded() -> Message:
-        nonlocal received
-        message = await receive()
+        nonlocal received, deadline, body_done
+        if body_done:
+            return await receive()
+        loop = asyncio.get_running_loop()
+        if deadline is None:
+            deadline = loop.time() + timeout
+        try:
+            message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            raise _BodyTooSlow(timeout) from None
         if message["type"] == "http.request":
             received += len(message.get("body", b""))
             if received > limit:
                 raise _BodyTooLarge(limit)
+            body_done = not message.get("more_body", False)
+        else:
+            body_done = True
         return message
 
     return bounded

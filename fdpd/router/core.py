@@ -132,6 +132,7 @@ class Admission:
 
     limit: int
     max_body_bytes: int
+    body_timeout: float = 30.0           # seconds to receive a whole body (seat holders too)
     held: int = 0
     peak: int = 0                        # most seats held at once since start
     refused: int = 0
@@ -178,7 +179,7 @@ class RouterCore:
         self._current: dict[str, str] = {}                # request id -> its current wire id
         self.stats = RouterStats()
         self.admission = Admission(pd.max_inflight_requests, pd.max_request_body_bytes or max(
-            MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * max_model_len))
+            MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * max_model_len), pd.request_body_timeout)
         self.epoch = new_epoch()
         self._seeds = random.Random()
         self._loop: asyncio.AbstractEventLoop | None = None

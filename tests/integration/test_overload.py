@@ -309,3 +309,41 @@ def test_instance_refuses_submits_past_its_queue_bound(service_cls):
         assert not any(isinstance(m, Reject) for m in sent)
     finally:
         service.close()
+
+
+def test_a_body_that_trickles_gets_408_and_its_seat_back():
+    """In-process: a client that sends part of a body and then nothing would hold its
+    admission seat for as long as it liked; past --request-body-timeout it gets 408."""
+    import asyncio
+
+    core = ScriptedCore()
+    core.admission = Admission(limit=1, max_body_bytes=BODY_LIMIT, body_timeout=0.3)
+    app = create_app(core)
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path":
+             b"/v1/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000)}
+    parts = [{"type": "http.request", "body": b'{"prompt": "hi", ', "more_body": True}]
+    sent: list[dict] = []
+
+    async def receive():
+        if parts:
+            return parts.pop(0)
+        await asyncio.sleep(30)                  # the rest of the body never comes
+
+    async def send(message):
+        sent.append(message)
+
+    async def run():
+        start = time.monotonic()
+        await asyncio.wait_for(app(scope, receive, send), 10)
+        return time.monotonic() - start
+
+    took = asyncio.run(run())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 408
+    body = b"".join(m.get("body", b"") for m in sent[1:])
+    assert b"request_timeout" in body and took < 5
+    assert core.admission.held == 0 and not core.calls
+    with TestClient(app) as client:              # the seat is free again
+        assert client.post("/v1/completions", json={"prompt": "hi"}).status_code == 200
