@@ -3,6 +3,7 @@ torch thread for engines running inside the test process (2 threads on this 2-co
 next to cluster processes, ran the offline engine ~20x slower)."""
 
 import pytest
+import zmq
 
 pytest_plugins = ["fdpd.testing.pytest_plugin"]
 
@@ -15,3 +16,23 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def intruder():
+    """``intruder(address)``: a plain DEALER connected to ``address``, what a process outside
+    the cluster has (closed after the test)."""
+    ctx = zmq.Context()
+    socks: list[zmq.Socket] = []
+
+    def connect(address: str) -> zmq.Socket:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(address)
+        socks.append(sock)
+        return sock
+
+    yield connect
+    for s in socks:
+        s.close(0)
+    ctx.term()

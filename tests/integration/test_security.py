@@ -22,7 +22,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import httpx
 import pytest
-import zmq
 
 from fdpd import LLM, SamplingParams
 from fdpd.pd.auth import MAX_EPOCH_SKEW_NS, MessageAuthenticator
@@ -67,25 +66,6 @@ def reference():
         return list(out[0].outputs[0].token_ids)
 
     return expected
-
-
-@pytest.fixture
-def intruder():
-    """``intruder(address)``: a DEALER connected to ``address`` (closed after the test)."""
-    ctx = zmq.Context()
-    socks: list[zmq.Socket] = []
-
-    def connect(address: str) -> zmq.Socket:
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(address)
-        socks.append(sock)
-        return sock
-
-    yield connect
-    for s in socks:
-        s.close(0)
-    ctx.term()
 
 
 def fresh_view(cluster: Cluster, name: str, since: float, predicate=lambda v: True,

@@ -171,25 +171,6 @@ def transports():
         t.close()
 
 
-@pytest.fixture
-def raw_socket():
-    """A plain DEALER (what an intruder has): ``raw_socket(address)``."""
-    ctx = zmq.Context()
-    socks: list[zmq.Socket] = []
-
-    def make(address: str) -> zmq.Socket:
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(address)
-        socks.append(sock)
-        return sock
-
-    yield make
-    for s in socks:
-        s.close(0)
-    ctx.term()
-
-
 def send_kv(sender: Transport, address: str) -> None:
     msg = KVBlocks("g1", "r1", 0, 2, "float32", list(KV.shape))
     sender.send(address, msg, [memoryview(KV)])
@@ -227,7 +208,7 @@ def test_unauthenticated_senders_are_dropped_counted_and_never_answered(transpor
     assert intruder.stats.unauthenticated == 0
 
 
-def test_without_a_secret_the_wire_format_is_unchanged(transports, raw_socket):
+def test_without_a_secret_the_wire_format_is_unchanged(transports, intruder):
     """No MAC frame: the receiver gets exactly the envelope and the KV frame, and a peer
     without a secret is understood as before (malformed input still gets an Error)."""
     ctx = zmq.Context()
@@ -249,16 +230,16 @@ def test_without_a_secret_the_wire_format_is_unchanged(transports, raw_socket):
         inbox.close(0)
         ctx.term()
     plain = transports("decode")
-    sock = raw_socket(plain.address)
+    sock = intruder(plain.address)
     sock.send(b"\xc1 not msgpack")
     assert sock.poll(5000) and isinstance(decode(sock.recv()).msg, Error)
 
 
-def test_replays_are_dropped_once_each_and_counted(transports, raw_socket):
+def test_replays_are_dropped_once_each_and_counted(transports, intruder):
     d = transports("decode", SECRET)
     auth = MessageAuthenticator(SECRET)
     codec = Codec("prefill", new_epoch())
-    sock = raw_socket(d.address)
+    sock = intruder(d.address)
 
     def signed(msg, seq: int | None = None) -> list[bytes]:
         if seq is not None:
@@ -289,12 +270,12 @@ def test_replays_are_dropped_once_each_and_counted(transports, raw_socket):
     assert isinstance(decode(env).msg, Error) and auth.verify([env, mac]) is None
 
 
-def test_future_epoch_is_refused_and_does_not_shut_out_the_sender(transports, raw_socket):
+def test_future_epoch_is_refused_and_does_not_shut_out_the_sender(transports, intruder):
     d = transports("decode", SECRET)
     p = transports("prefill", SECRET)
     auth = MessageAuthenticator(SECRET)
     env = Codec("prefill", time.time_ns() + 2 * MAX_EPOCH_SKEW_NS).encode(Abort("x"))
-    raw_socket(d.address).send_multipart([env, auth.sign([env])])
+    intruder(d.address).send_multipart([env, auth.sign([env])])
     wait_until(lambda: d.stats.future_epoch == 1, what="the future epoch counted")
     p.send(d.address, Abort("y"))
     got = d.recv(5)
