@@ -36,3 +36,32 @@ def intruder():
     for s in socks:
         s.close(0)
     ctx.term()
+
+
+@pytest.fixture
+def entry_points(monkeypatch):
+    """The process entry points ``fdpd launch`` / ``fdpd up`` call, replaced by recorders:
+    what each was called with lands in the returned dict under "instance", "router" or
+    "cluster"."""
+    from fdpd import launch as launcher
+
+    calls: dict[str, dict] = {}
+
+    def run_instance(engine, pd, inst, torch_threads=1, log_tag=None):
+        calls["instance"] = {"engine": engine, "pd": pd, "inst": inst,
+                             "torch_threads": torch_threads}
+
+    def run_router(model, pd, host, port, control_port, api_key, max_model_len=None,
+                   advertise_host=None):
+        calls["router"] = {"model": model, "pd": pd, "port": port,
+                           "control_port": control_port, "api_key": api_key}
+
+    def run_cluster(**kwargs):
+        calls["cluster"] = kwargs
+        return 0
+
+    monkeypatch.setattr(launcher, "run_instance", run_instance)
+    monkeypatch.setattr(launcher, "run_router", run_router)
+    monkeypatch.setattr(launcher, "run_cluster", run_cluster)
+
+    return calls

@@ -19,7 +19,6 @@ import zmq
 from click.testing import CliRunner
 from fastapi.routing import APIRoute
 
-from fdpd import launch as launcher
 from fdpd.cli import main
 from fdpd.config import ConfigError, PDConfig
 from fdpd.pd.auth import (
@@ -304,28 +303,6 @@ def test_secret_config_rules_and_no_leaks(tmp_path):
         assert short not in str(e.value)
 
 
-@pytest.fixture
-def recorded(monkeypatch):
-    """The PDConfig ``fdpd launch`` would run with, and ``fdpd up``'s cluster arguments."""
-    calls: dict = {}
-
-    def run_instance(engine, pd, inst, *args, **kwargs):
-        calls["pd"] = pd
-
-    def run_router(model, pd, host, port, control_port, api_key, *args, **kwargs):
-        calls["pd"] = pd
-        calls["api_key"] = api_key
-
-    def run_cluster(**kwargs):
-        calls["cluster"] = kwargs
-        return 0
-
-    monkeypatch.setattr(launcher, "run_instance", run_instance)
-    monkeypatch.setattr(launcher, "run_router", run_router)
-    monkeypatch.setattr(launcher, "run_cluster", run_cluster)
-    return calls
-
-
 def run(args: list[str], **env: str):
     # None removes a variable the test process may have.
     clean = {"FDPD_CLUSTER_SECRET": None, "FDPD_CLUSTER_SECRET_FILE": None, "FDPD_CONFIG": None}
@@ -336,14 +313,15 @@ ROUTER = ["launch", "--role", "router"]
 DECODE = ["launch", "--role", "decode", "--router", "127.0.0.1:8001"]
 
 
-def test_cli_takes_the_secret_from_env_or_file_only(recorded, tmp_path):
+def test_cli_takes_the_secret_from_env_or_file_only(entry_points, tmp_path):
+    recorded = entry_points
     value = "an-env-secret-of-enough-bytes"
     r = run(DECODE, FDPD_CLUSTER_SECRET=value)
-    assert r.exit_code == 0 and recorded.pop("pd").cluster_key == value.encode()
+    assert r.exit_code == 0 and recorded.pop("instance")["pd"].cluster_key == value.encode()
     path = tmp_path / "secret"
     path.write_text(value)
     r = run([*ROUTER, "--cluster-secret-file", str(path)])
-    assert r.exit_code == 0 and recorded.pop("pd").cluster_key == value.encode()
+    assert r.exit_code == 0 and recorded.pop("router")["pd"].cluster_key == value.encode()
     # On the command line (visible in `ps`) or in a --config file: refused, never echoed.
     r = run([*DECODE, "--cluster-secret", value])
     assert r.exit_code == 2 and "not accepted on the command line" in r.output
@@ -356,13 +334,15 @@ def test_cli_takes_the_secret_from_env_or_file_only(recorded, tmp_path):
     # Too short: the error names where it came from, not the value.
     r = run(DECODE, FDPD_CLUSTER_SECRET="short-secret")
     assert r.exit_code == 2 and "FDPD_CLUSTER_SECRET" in r.output
-    assert "short-secret" not in r.output and "pd" not in recorded
+    assert "short-secret" not in r.output and "instance" not in recorded
     # --help shows the variable, never its value.
     r = run(["launch", "--help"], FDPD_CLUSTER_SECRET=value)
     assert r.exit_code == 0 and "FDPD_CLUSTER_SECRET" in r.output and value not in r.output
 
 
-def test_up_forwards_the_secret_file_and_checks_it_first(recorded, tmp_path, monkeypatch):
+def test_up_forwards_the_secret_file_and_checks_it_first(entry_points, tmp_path,
+                                                          monkeypatch):
+    recorded = entry_points
     monkeypatch.chdir(tmp_path)
     (tmp_path / "secret").write_text("x" * 32)
     r = run(["up", "--cluster-secret-file", "secret"])
@@ -404,7 +384,7 @@ def test_api_key_guards_every_v1_route_streaming_included():
         assert http.get("/metrics").status_code == 200
 
 
-def test_api_key_from_the_environment(recorded):
+def test_api_key_from_the_environment(entry_points):
     r = run(ROUTER, FDPD_API_KEY="k-from-env")
     assert r.exit_code == 0, r.output
-    assert recorded["api_key"] == "k-from-env"
+    assert entry_points["router"]["api_key"] == "k-from-env"

@@ -10,37 +10,18 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from fdpd import launch as launcher
 from fdpd.cli import main
 from fdpd.config import EngineConfig, InstanceConfig, PDConfig
 
 
 @pytest.fixture
-def started(monkeypatch):
+def started(entry_points):
     """Runs ``fdpd ...`` with the process entry points replaced by recorders."""
-    calls: dict[str, dict] = {}
-
-    def run_instance(engine, pd, inst, torch_threads=1, log_tag=None):
-        calls["instance"] = {"engine": engine, "pd": pd, "inst": inst,
-                             "torch_threads": torch_threads}
-
-    def run_router(model, pd, host, port, control_port, api_key, max_model_len=None,
-                   advertise_host=None):
-        calls["router"] = {"model": model, "pd": pd, "port": port,
-                           "control_port": control_port, "api_key": api_key}
-
-    def run_cluster(**kwargs):
-        calls["cluster"] = kwargs
-        return 0
-
-    monkeypatch.setattr(launcher, "run_instance", run_instance)
-    monkeypatch.setattr(launcher, "run_router", run_router)
-    monkeypatch.setattr(launcher, "run_cluster", run_cluster)
 
     def invoke(args: list[str], env: dict[str, str] | None = None, code: int = 0):
         result = CliRunner().invoke(main, args, env=env or {}, catch_exceptions=False)
         assert result.exit_code == code, result.output
-        return result, calls
+        return result, entry_points
 
     return invoke
 
