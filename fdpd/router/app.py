@@ -260,6 +260,10 @@ async def _answer_body_too_slow(request: Request, exc: Exception) -> Response:
                     "(--request-body-timeout)", code="request_timeout").response()
 
 
+# Python >= 3.11: a deadline on the current task; before that, wait_for (a task per call).
+_timeout_at = getattr(asyncio, "timeout_at", None)
+
+
 def _bounded_receive(receive: Receive, limit: int, timeout: float) -> Receive:
     """``receive`` while the body arrives: at most ``limit`` bytes within ``timeout`` seconds
     of the first read; after the body (disconnect watching) it is ``receive`` unchanged."""
@@ -275,7 +279,11 @@ def _bounded_receive(receive: Receive, limit: int, timeout: float) -> Receive:
         if deadline is None:
             deadline = loop.time() + timeout
         try:
-            message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            if _timeout_at is not None:          # no task per read (every request reads once)
+                async with _timeout_at(deadline):
+                    message = await receive()
+            else:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
             raise _BodyTooSlow(timeout) from None
         if message["type"] == "http.request":
