@@ -241,8 +241,9 @@ class DecodeService(InstanceService):
         for name, seconds in own.items():
             phases[name] = phases.get(name, 0.0) + seconds
         kv_send = (upstream or {}).get("kv_send")
+        prefill = (upstream or {}).get("prefill_instance")     # the peer's word: a name or None
         return {"phases": phases, "decode_instance": self.instance_id,
-                "prefill_instance": (upstream or {}).get("prefill_instance"),
+                "prefill_instance": prefill if isinstance(prefill, str) else None,
                 "kv_send": min(kv_send, kv_transfer) if _is_seconds(kv_send)
                 else 0.0, "num_preemptions": num_preemptions}
 
@@ -265,8 +266,7 @@ class DecodeService(InstanceService):
         another decode); grants already given may still complete and are then migrated like
         every running request."""
         super().start_drain(timeout)
-        while self.ledger.waiting_allocs:
-            p = self.ledger.waiting_allocs.popleft()
+        for p in self.ledger.refuse_waiting():
             self.reject(p.msg.reply_to, p.msg.req_id, "decode is draining")
 
     def role_drained(self) -> bool:
