@@ -188,6 +188,12 @@ class ReservationLedger:
             granted.append(grant)
         return granted, timed_out
 
+    def refuse_waiting(self) -> list[PendingAlloc]:
+        """Take every queued request out (a draining decode refuses them all)."""
+        refused, self.waiting_allocs = list(self.waiting_allocs), deque()
+        self.counters["rejected"] += len(refused)
+        return refused
+
     def cancel_waiting(self, req_id: str) -> bool:
         for p in self.waiting_allocs:
             if p.msg.req_id == req_id:

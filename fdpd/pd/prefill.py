@@ -124,12 +124,8 @@ class PrefillService(InstanceService):
         num_kv = self.engine.block_manager.blocks_for(job.req.num_tokens)
         if not 0 <= msg.cached_blocks <= min(num_kv, len(msg.block_ids)):
             # A grant that cannot be for this prompt: nothing sensible can be shipped to it.
-            del self.jobs[msg.req_id]
-            self._drop(job)
-            self.send(job.decode_address, Abort(msg.req_id, "malformed grant"))
-            self.send(job.router, Reject(msg.req_id, f"decode sent a malformed grant "
-                                         f"(cached_blocks {msg.cached_blocks})", 0.0,
-                                         origin=job.decode_id))
+            self._give_up(job, "malformed grant", f"decode sent a malformed grant "
+                          f"(cached_blocks {msg.cached_blocks})", job.decode_id)
             return
         job.grant = msg
         job.granted_at = inbound.received_at or time.monotonic()
@@ -268,12 +264,17 @@ class PrefillService(InstanceService):
         now = time.monotonic()
         late = [j for j in self.jobs.values() if j.grant is None and now >= j.deadline]
         for job in late:
-            del self.jobs[job.req.request_id]
             self.counters["grant_timeouts"] += 1
-            self._drop(job)
-            self.send(job.decode_address, Abort(job.req.request_id, "grant wait timed out"))
-            self.send(job.router, Reject(job.req.request_id, "decode did not answer in time",
-                                         0.0, origin=job.decode_id))
+            self._give_up(job, "grant wait timed out", "decode did not answer in time",
+                          job.decode_id)
+
+    def _give_up(self, job: PrefillJob, why: str, why_router: str, origin: str) -> None:
+        """End a job here: the decode gives back any grant, the router retries elsewhere
+        (blaming ``origin``)."""
+        del self.jobs[job.req.request_id]
+        self._drop(job)
+        self.send(job.decode_address, Abort(job.req.request_id, why))
+        self.send(job.router, Reject(job.req.request_id, why_router, 0.0, origin=origin))
 
     def _drop(self, job: PrefillJob) -> None:
         """Forget a job's engine state: abort it if it still runs, free its held KV."""
@@ -296,9 +297,5 @@ class PrefillService(InstanceService):
         done = super().drain_step()
         if done:
             for job in list(self.jobs.values()):
-                del self.jobs[job.req.request_id]
-                self._drop(job)
-                self.send(job.decode_address, Abort(job.req.request_id, "prefill drained"))
-                self.send(job.router, Reject(job.req.request_id, "prefill is draining", 0.0,
-                                             origin=self.instance_id))
+                self._give_up(job, "prefill drained", "prefill is draining", self.instance_id)
         return done
