@@ -1,36 +1,44 @@
-"""``fdpd bench engine``: offline throughput of fdpd's engine against ``transformers`` generate.
+"""``fdpd bench engine``: offline throughput of fdpd's engine against ``transformers`` generate
+and vLLM's offline ``LLM.generate``, side by side in one command.
 
-Both run the same mixed-length batch of token-id prompts, greedy, the same number of output
-tokens per prompt, on the same weights, in one process with the same torch thread count.
-``transformers`` runs the way people batch it: left padding plus an attention mask,
-``--max-num-seqs`` prompts per ``generate`` call (fdpd's batch limit), its default dynamic KV
-cache. Neither stops early: fdpd ignores EOS, and ``transformers``' generation config has its EOS
-removed (``min_new_tokens`` would mask the EOS logit instead, which changes greedy choices and
-breaks the token-for-token comparison).
+Every engine runs the same batch of token-id prompts, greedy, the same output length per prompt,
+on the same checkpoint with the same torch thread count (vLLM from its own venv, see
+``scripts/setup-vllm``, pinned like fdpd to cores ``0..threads-1``). Nobody stops early: EOS is
+ignored. Timings are around the generate call only; loading, compilation and a short warm-up
+are excluded. Each engine runs ``--repeat`` times, interleaved (A B C A B C ...), and its fastest
+run counts, so background load slows all alike. Both wall time (what a user waits) and CPU
+seconds (every process of the engine: robust when the machine is shared) are reported.
+Greedy outputs are compared per prompt; where they differ the first divergent position is shown
+(expected in bfloat16, where summation order decides near-ties).
 
-Timings are wall clock around ``generate`` only; model loading and a short warm-up run of each
-are excluded. Each engine runs ``--repeat`` times, interleaved, and its fastest run counts: on a
-shared machine, background load then slows both alike instead of whichever ran second. Greedy
-outputs are compared per prompt; in float32 they should agree, and the count is printed either
-way.
+Workloads (``--workload``) are the ones fdpd was compared with vLLM on; each sets the batch
+unless its options are given explicitly.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import tempfile
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
+from fdpd.bench.baselines import Run, Runner
+
+WORKLOADS = {
+    "mixed": {"num_prompts": 32, "min_len": 32, "max_len": 512, "output_len": 128,
+              "min_output_len": None},
+    "prefill": {"num_prompts": 16, "min_len": 512, "max_len": 512, "output_len": 1,
+                "min_output_len": None},
+    "decode": {"num_prompts": 32, "min_len": 32, "max_len": 32, "output_len": 128,
+               "min_output_len": None},
+}
 # --quick: a sanity run in seconds, on a small synthetic model.
-QUICK = {"num_prompts": 4, "min_len": 8, "max_len": 48, "output_len": 8, "repeat": 1}
-QUICK_MODEL = {"hidden": 64, "layers": 2, "vocab": 1024}
-DEFAULT_MODEL = {"hidden": 256, "layers": 4, "vocab": 32000}
+QUICK = {"num_prompts": 4, "min_len": 8, "max_len": 48, "output_len": 8, "repeat": 1,
+         "hidden": 128, "layers": 2, "heads": 2, "vocab": 1024}
 POSITIVE = click.IntRange(min=1)
 
 
@@ -38,12 +46,17 @@ POSITIVE = click.IntRange(min=1)
 class RunResult:
     name: str
     wall_s: float                   # fastest of the repeats
+    cpu_s: float                    # fewest CPU seconds of the repeats
     output_tokens: int
     all_wall_s: tuple[float, ...] = ()
 
     @property
     def tokens_per_s(self) -> float:
         return self.output_tokens / self.wall_s if self.wall_s > 0 else float("inf")
+
+    @property
+    def tokens_per_cpu_s(self) -> float:
+        return self.output_tokens / self.cpu_s if self.cpu_s > 0 else float("inf")
 
 
 def make_output_lens(num: int, min_len: int | None, max_len: int, seed: int) -> list[int]:
@@ -62,179 +75,199 @@ def make_prompts(num: int, min_len: int, max_len: int, vocab: int, seed: int) ->
             for _ in range(num)]
 
 
-Runner = Callable[[], list[list[int]]]
-
-
-def prepare_fdpd(model: str, prompts: list[list[int]], output_lens: list[int], dtype: str,
-                 max_num_seqs: int, max_num_batched_tokens: int) -> Runner:
-    """Load fdpd and warm it up; return a function that generates the whole batch (each prompt
-    its own output length: continuous batching admits the next prompt when one finishes)."""
-    from fdpd.llm import LLM
-    from fdpd.sampling_params import SamplingParams
-
-    block_size = 16
-    longest = max(map(len, prompts)) + max(output_lens)
-    llm = LLM(model, dtype=dtype, max_num_seqs=max_num_seqs,
-              max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-              # Room for the whole batch: this measures throughput, not preemption.
-              num_kv_blocks=-(-longest // block_size) * max_num_seqs + 1)
-    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
-    llm.generate([prompts[0][:8]], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
-
-    def run() -> list[list[int]]:
-        # A repeat must not find the previous repeat's prompts in the prefix cache.
-        llm.engine.block_manager.reset_prefix_cache()
-        return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-
-    return run
-
-
-def prepare_transformers(model: str, prompts: list[list[int]], output_lens: list[int],
-                         dtype: str, batch_size: int) -> Runner:
-    """Load the same weights into ``transformers`` and warm up; return a function that
-    generates the whole batch, ``batch_size`` left-padded prompts per ``generate`` call. A
-    static batch runs until its longest output is done; each prompt keeps its own length."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
-    hf.generation_config.eos_token_id = None
-    pad = 0
-
-    def generate(batch: list[list[int]], new_tokens: int) -> list[list[int]]:
-        width = max(map(len, batch))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-        with torch.inference_mode():
-            out = hf.generate(ids, attention_mask=mask, do_sample=False,
-                              max_new_tokens=new_tokens, pad_token_id=pad)
-        return out[:, width:].tolist()
-
-    generate([prompts[0][:8]], 2)
-
-    def run() -> list[list[int]]:
-        tokens: list[list[int]] = []
-        for i in range(0, len(prompts), batch_size):
-            lens = output_lens[i:i + batch_size]
-            out = generate(prompts[i:i + batch_size], max(lens))
-            tokens += [row[:n] for row, n in zip(out, lens)]
-        return tokens
-
-    return run
-
-
-def measure(runners: dict[str, Runner], repeat: int) -> tuple[dict[str, RunResult],
-                                                              dict[str, list[list[int]]]]:
+def measure(runners: dict[str, Runner], prompts: list[list[int]], lens: list[int],
+            repeat: int) -> tuple[dict[str, RunResult], dict[str, list[list[int]]]]:
     """Run each runner ``repeat`` times, interleaved (A B A B ...) so that background load hits
-    both alike; keep each one's fastest run. Returns results and each runner's last tokens."""
-    walls: dict[str, list[float]] = {name: [] for name in runners}
-    tokens: dict[str, list[list[int]]] = {}
+    all alike; keep each one's fastest run. Returns results and each runner's last tokens."""
+    runs: dict[str, list[Run]] = {name: [] for name in runners}
     for _ in range(repeat):
         for name, run in runners.items():
-            start = time.perf_counter()
-            tokens[name] = run()
-            walls[name].append(time.perf_counter() - start)
-    results = {name: RunResult(name, min(w), sum(map(len, tokens[name])), tuple(w))
-               for name, w in walls.items()}
-    return results, tokens
+            runs[name].append(run(prompts, lens))
+    results = {name: RunResult(name, min(r.wall_s for r in rs), min(r.cpu_s for r in rs),
+                               sum(map(len, rs[-1].tokens)), tuple(r.wall_s for r in rs))
+               for name, rs in runs.items()}
+    return results, {name: rs[-1].tokens for name, rs in runs.items()}
 
 
-def _overrides_for_quick(ctx: click.Context, values: dict) -> dict:
-    source = click.core.ParameterSource.DEFAULT
-    return {k: (QUICK[k] if k in QUICK and ctx.get_parameter_source(k) == source else v)
+def agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict:
+    """How many prompts' tokens are identical, and where the others first diverge."""
+    firsts = []
+    for a, b in zip(ours, theirs):
+        if a != b:
+            firsts.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y),
+                               min(len(a), len(b))))
+    return {"agree": len(ours) - len(firsts), "prompts": len(ours),
+            "first_divergence": sorted(firsts)}
+
+
+def _apply_presets(ctx: click.Context, values: dict) -> dict:
+    """--workload then --quick fill every option the user did not give."""
+    default = click.core.ParameterSource.DEFAULT
+    presets = {**WORKLOADS[values["workload"]], **(QUICK if values["quick"] else {})}
+    return {k: (presets[k] if k in presets and ctx.get_parameter_source(k) == default else v)
             for k, v in values.items()}
 
 
 @click.command(context_settings={"show_default": True})
+@click.option("--workload", default="mixed", type=click.Choice(list(WORKLOADS)),
+              help="Batch preset: " + "; ".join(
+                  f"{k}: {w['num_prompts']} prompts of {w['min_len']}..{w['max_len']} tokens, "
+                  f"{w['output_len']} out" for k, w in WORKLOADS.items())
+              + ". Options given explicitly override it.")
+@click.option("--baseline", "baselines", multiple=True, default=("transformers",),
+              type=click.Choice(["transformers", "vllm"]),
+              help="Engine(s) to compare with (repeat the option for both). vllm runs vLLM's "
+              "CPU build from .venv-vllm (scripts/setup-vllm).")
 @click.option("--num-prompts", default=32, type=POSITIVE, help="Prompts in the batch.")
 @click.option("--min-len", default=32, type=POSITIVE, help="Shortest prompt, tokens.")
 @click.option("--max-len", default=512, type=POSITIVE, help="Longest prompt, tokens.")
 @click.option("--output-len", default=128, type=POSITIVE,
-              help="Tokens generated per prompt (both engines); the longest with "
+              help="Tokens generated per prompt (every engine); the longest with "
               "--min-output-len.")
 @click.option("--min-output-len", default=None, type=POSITIVE,
               help="Draw each prompt's output length uniformly from [this, --output-len] "
               "(as in real traffic) instead of all --output-len.")
 @click.option("--model", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Hugging Face model directory. Default: a synthetic Llama (hidden 256, "
-              "4 layers, 4 heads / 2 KV heads, vocab 32000, seeded random weights) written to a "
-              "temporary directory.")
+              help="Hugging Face model directory. Default: a synthetic Llama of --hidden x "
+              "--layers (--heads heads, half as many KV heads, vocab --vocab, seeded random "
+              "weights) written to a temporary directory.")
+@click.option("--hidden", default=256, type=POSITIVE, help="Synthetic model: hidden size.")
+@click.option("--layers", default=4, type=POSITIVE, help="Synthetic model: layers.")
+@click.option("--heads", default=4, type=POSITIVE,
+              help="Synthetic model: attention heads (half as many KV heads).")
+@click.option("--vocab", default=32000, type=POSITIVE, help="Synthetic model: vocabulary.")
 @click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]))
+@click.option("--kernels", default="auto", type=click.Choice(["auto", "onednn", "torch"]),
+              help="fdpd's GEMM backend (fdpd.model.kernels).")
 @click.option("--max-num-seqs", default=32, type=POSITIVE,
-              help="fdpd's batch limit; also transformers' batch size per generate call.")
+              help="Batch limit of fdpd and vLLM; transformers' batch size per generate call.")
 @click.option("--max-num-batched-tokens", default=512, type=POSITIVE,
-              help="fdpd's token budget per step.")
-@click.option("--threads", default=1, type=POSITIVE, help="torch threads (both engines).")
+              help="Token budget per step (fdpd and vLLM).")
+@click.option("--threads", default=1, type=POSITIVE, help="torch threads (every engine).")
 @click.option("--seed", default=0, help="Seed of the prompts.")
 @click.option("--repeat", default=3, type=POSITIVE, help="Timed runs of each engine, "
               "interleaved; the fastest counts (this machine is shared and noisy).")
-@click.option("--quick", is_flag=True, help=f"Sanity run: {QUICK} on a small synthetic model "
-              f"{QUICK_MODEL}, unless given explicitly.")
+@click.option("--vllm-python", default=None, help="vLLM's interpreter (default: "
+              "$FDPD_VLLM_PYTHON, else .venv-vllm/bin/python).")
+@click.option("--vllm-log", default=None, type=click.Path(dir_okay=False),
+              help="Append vLLM's own output to this file.")
+@click.option("--quick", is_flag=True, help=f"Sanity run: {QUICK}, unless given explicitly.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.pass_context
 def command(ctx: click.Context, **values) -> None:
-    """Throughput of fdpd vs transformers generate on one mixed-length batch (greedy)."""
+    """Throughput of fdpd vs transformers and/or vLLM on one batch (greedy)."""
     import torch
 
-    if values["quick"]:
-        values = _overrides_for_quick(ctx, values)
-    v = values
+    v = _apply_presets(ctx, values)
     if not 1 <= v["min_len"] <= v["max_len"]:
         raise click.BadParameter("need 1 <= --min-len <= --max-len", param_hint="--min-len")
+    baselines = list(dict.fromkeys(v["baselines"]))
     torch.set_num_threads(v["threads"])
+    if "vllm" in baselines and hasattr(os, "sched_setaffinity"):
+        # vLLM binds its model worker to cores 0..threads-1; fdpd gets the same cores.
+        os.sched_setaffinity(0, set(range(v["threads"])))
+    closers = []
     with tempfile.TemporaryDirectory(prefix="fdpd-bench-") as tmp:
-        model, model_desc = _resolve_model(v["model"], v["quick"], Path(tmp))
+        model, model_desc = _resolve_model(v, Path(tmp))
         vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
         prompts = make_prompts(v["num_prompts"], v["min_len"], v["max_len"], vocab, v["seed"])
         lens = make_output_lens(v["num_prompts"], v["min_output_len"], v["output_len"],
                                 v["seed"])
-        runners = {
-            "fdpd": prepare_fdpd(model, prompts, lens, v["dtype"], v["max_num_seqs"],
-                                 v["max_num_batched_tokens"]),
-            "transformers": prepare_transformers(model, prompts, lens, v["dtype"],
-                                                 v["max_num_seqs"]),
-        }
-        results, tokens = measure(runners, v["repeat"])
-    fdpd_result, hf_result = results["fdpd"], results["transformers"]
-    fdpd_tokens, hf_tokens = tokens["fdpd"], tokens["transformers"]
-    agree = sum(a == b for a, b in zip(fdpd_tokens, hf_tokens))
-    ratio = fdpd_result.tokens_per_s / hf_result.tokens_per_s
+        max_model_len = -(-(v["max_len"] + v["output_len"] + 1) // 16) * 16
+        runners: dict[str, Runner] = {"fdpd": _prepare(v, model, max_model_len)}
+        try:
+            for name in baselines:
+                runners[name], closer = _prepare_baseline(name, v, model, max_model_len)
+                closers.append(closer)
+            results, tokens = measure(runners, prompts, lens, v["repeat"])
+            reference = None
+            if v["dtype"] != "float32":
+                # Where the lower precision first changes a greedy choice.
+                fp32 = _prepare({**v, "dtype": "float32"}, model, max_model_len)
+                reference = agreement(tokens["fdpd"], fp32(prompts, lens).tokens)
+        finally:
+            for close in closers:
+                close()
+    report = _report(v, model_desc, prompts, results, tokens, baselines, reference)
+    if v["as_json"]:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        _print_table(v, report, results)
+
+
+def _prepare(v: dict, model: str, max_model_len: int) -> Runner:
+    from fdpd.bench.baselines import prepare_fdpd
+
+    return prepare_fdpd(model, v["dtype"], v["max_num_seqs"], v["max_num_batched_tokens"],
+                        max_model_len, v["kernels"])
+
+
+def _prepare_baseline(name: str, v: dict, model: str, max_model_len: int):
+    from fdpd.bench import baselines as b
+
+    if name == "transformers":
+        return b.prepare_transformers(model, v["dtype"], v["max_num_seqs"]), lambda: None
+    return b.prepare_vllm(model, v["dtype"], v["threads"], v["max_num_seqs"],
+                          v["max_num_batched_tokens"], max_model_len,
+                          v["vllm_python"] or b.default_vllm_python(), v["vllm_log"])
+
+
+def _report(v: dict, model_desc: dict, prompts: list[list[int]],
+            results: dict[str, RunResult], tokens: dict[str, list[list[int]]],
+            baselines: list[str], reference: dict | None) -> dict:
+    ours = results["fdpd"]
     report = {
-        "config": {k: v[k] for k in ("num_prompts", "min_len", "max_len", "output_len",
-                                      "min_output_len", "dtype",
+        "config": {k: v[k] for k in ("workload", "num_prompts", "min_len", "max_len",
+                                      "output_len", "min_output_len", "dtype", "kernels",
                                       "max_num_seqs", "max_num_batched_tokens", "threads",
                                       "seed", "repeat")},
         "model": model_desc,
         "prompt_tokens": sum(map(len, prompts)),
-        "results": [{**asdict(r), "tokens_per_s": r.tokens_per_s}
-                    for r in (fdpd_result, hf_result)],
-        "ratio_fdpd_over_transformers": ratio,
-        "greedy_agreement": {"agree": agree, "prompts": len(prompts)},
+        "results": [{**vars(r), "tokens_per_s": r.tokens_per_s,
+                     "tokens_per_cpu_s": r.tokens_per_cpu_s} for r in results.values()],
+        "ratios": {name: {"wall": results[name].wall_s / ours.wall_s,
+                          "cpu": results[name].cpu_s / ours.cpu_s} for name in baselines},
+        "greedy_agreement": {name: agreement(tokens["fdpd"], tokens[name])
+                             for name in baselines},
     }
-    if v["as_json"]:
-        click.echo(json.dumps(report, indent=2))
-        return
-    click.echo("model: " + _describe(model_desc))
-    click.echo(f"batch: {len(prompts)} prompts of {v['min_len']}..{v['max_len']} tokens "
-               f"({report['prompt_tokens']} prompt tokens), "
-               + (f"{v['output_len']} output tokens each" if v["min_output_len"] is None else
-                  f"{v['min_output_len']}..{v['output_len']} output tokens")
-               + f", {v['dtype']}, {v['threads']} torch thread(s)")
+    if reference is not None:
+        report["agreement_with_fdpd_float32"] = reference
+    return report
+
+
+def _print_table(v: dict, report: dict, results: dict[str, RunResult]) -> None:
+    click.echo("model: " + _describe(report["model"]))
+    click.echo(f"workload {v['workload']}: {v['num_prompts']} prompts of "
+               f"{v['min_len']}..{v['max_len']} tokens ({report['prompt_tokens']} prompt "
+               f"tokens), " + (f"{v['output_len']} output tokens each"
+                               if v["min_output_len"] is None else
+                               f"{v['min_output_len']}..{v['output_len']} output tokens")
+               + f", {v['dtype']}, {v['threads']} thread(s), fdpd kernels {v['kernels']}")
     click.echo(f"timing: fastest of {v['repeat']} interleaved run(s) of each")
     click.echo("")
-    click.echo(f"| {'engine':<12} | {'wall s':>8} | {'output tokens':>13} | {'tokens/s':>9} |")
-    click.echo(f"| {'-' * 12} | {'-' * 8}:| {'-' * 13}:| {'-' * 9}:|")
-    for r in (fdpd_result, hf_result):
-        click.echo(f"| {r.name:<12} | {r.wall_s:>8.2f} | {r.output_tokens:>13} | "
-                   f"{r.tokens_per_s:>9.1f} |")
+    click.echo(f"| {'engine':<12} | {'wall s':>8} | {'CPU s':>8} | {'output tokens':>13} | "
+               f"{'tokens/s':>9} |")
+    click.echo(f"| {'-' * 12} | {'-' * 8}:| {'-' * 8}:| {'-' * 13}:| {'-' * 9}:|")
+    for r in results.values():
+        click.echo(f"| {r.name:<12} | {r.wall_s:>8.2f} | {r.cpu_s:>8.2f} | "
+                   f"{r.output_tokens:>13} | {r.tokens_per_s:>9.1f} |")
     click.echo("")
-    click.echo(f"throughput ratio fdpd / transformers: {ratio:.2f}x")
-    click.echo(f"greedy outputs identical: {agree}/{len(prompts)} prompts")
+    for name, ratio in report["ratios"].items():
+        agree = report["greedy_agreement"][name]
+        click.echo(f"fdpd / {name}: {ratio['wall']:.2f}x throughput (wall), "
+                   f"{ratio['cpu']:.2f}x (CPU s); greedy outputs identical: "
+                   f"{agree['agree']}/{agree['prompts']} prompts"
+                   + (f", first divergence at {agree['first_divergence']}"
+                      if agree["first_divergence"] else ""))
+    ref = report.get("agreement_with_fdpd_float32")
+    if ref is not None:
+        click.echo(f"fdpd {v['dtype']} vs fdpd float32: {ref['agree']}/{ref['prompts']} "
+                   f"identical" + (f", first divergence at {ref['first_divergence']}"
+                                   if ref["first_divergence"] else ""))
 
 
-def _resolve_model(model: str | None, quick: bool, tmp: Path) -> tuple[str, dict]:
+def _resolve_model(v: dict, tmp: Path) -> tuple[str, dict]:
+    model = v["model"]
     if model is not None:
         if not (Path(model) / "config.json").is_file():
             raise click.BadParameter(f"{model} has no config.json", param_hint="--model")
@@ -244,8 +277,8 @@ def _resolve_model(model: str | None, quick: bool, tmp: Path) -> tuple[str, dict
         return model, {"path": model, **{k: cfg.get(k) for k in keys}}
     from fdpd.model.synthetic import synthetic_config, write_checkpoint
 
-    shape = QUICK_MODEL if quick else DEFAULT_MODEL
-    cfg = synthetic_config("llama", **shape)
+    cfg = synthetic_config("llama", hidden=v["hidden"], layers=v["layers"], vocab=v["vocab"],
+                           heads=v["heads"])
     path = write_checkpoint(tmp / "model", cfg, seed=0)
     return str(path), {"path": "synthetic", "architectures": [cfg.architecture],
                        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,

@@ -77,7 +77,7 @@ class Engine:
                 loaded = load_cost_model(config.model, config.dtype, limit)
             else:
                 loaded = load_model(config.model, dtype=config.dtype, device=config.device,
-                                    max_positions=limit)
+                                    max_positions=limit, kernels=config.kernels)
         self.loaded = loaded
         mc = self.loaded.config
         self.model_config = mc

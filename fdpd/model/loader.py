@@ -12,6 +12,7 @@ import torch
 
 from fdpd.config import DTYPES, ConfigError
 from fdpd.model.config import ModelConfig
+from fdpd.model.kernels import select_kernels
 from fdpd.model.llama import LlamaForCausalLM, RotaryEmbedding
 from fdpd.model.tiny import TINY_CONFIG, tiny_state_dict, tiny_tokenizer
 from fdpd.model.tokenizer import Tokenizer, load_tokenizer
@@ -26,13 +27,15 @@ class LoadedModel:
     tokenizer: Tokenizer | None
     dtype: str          # the dtype the weights were converted to: float32, bfloat16 or float16
     source: str         # "tiny" or the model directory as given
+    kernels: str = "torch"   # the linear layers' GEMM backend (fdpd.model.kernels)
 
 
 def load_model(model: str = "tiny", dtype: str = "auto", device: str = "cpu",
-               max_positions: int | None = None) -> LoadedModel:
+               max_positions: int | None = None, kernels: str = "auto") -> LoadedModel:
     """Build the model in eval mode on ``device``. ``dtype`` "auto" keeps the checkpoint's
     ``torch_dtype``; ``max_positions`` bounds the RoPE table (default: the model's
-    ``max_position_embeddings``)."""
+    ``max_position_embeddings``); ``kernels`` picks the linear layers' GEMM backend
+    (``fdpd.model.kernels``: auto, onednn or torch)."""
     cfg, tokenizer = load_model_metadata(model)
     if model == "tiny":
         weights: Iterator[tuple[str, torch.Tensor]] = iter(tiny_state_dict().items())
@@ -48,8 +51,12 @@ def load_model(model: str = "tiny", dtype: str = "auto", device: str = "cpu",
         net.load_weights(weights)
     except ValueError as e:
         raise ValueError(f"model {model!r}: {e}") from e
+    try:
+        backend = select_kernels(net, kernels, torch.device(device), getattr(torch, dtype_name))
+    except ValueError as e:
+        raise ConfigError("kernels", str(e).removeprefix("kernels: ")) from e
     return LoadedModel(model=net.eval(), config=cfg, tokenizer=tokenizer, dtype=dtype_name,
-                       source=model)
+                       source=model, kernels=backend)
 
 
 def load_model_metadata(model: str) -> tuple[ModelConfig, Tokenizer | None]:
