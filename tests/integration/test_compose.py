@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -41,18 +42,31 @@ FDPD_SERVICES = ("router", "prefill-1", "prefill-2", "decode-1", "decode-2")
 GREEDY = {"temperature": 0, "ignore_eos": True, "return_token_ids": True}
 
 
-@pytest.fixture(scope="module")
-def config() -> dict:
+def compose_config(**variables: str) -> subprocess.CompletedProcess:
     exe = shutil.which("docker-compose")
     if exe is None:
         pytest.skip("docker-compose is not installed (apt-get install -y docker-compose; "
                     ".ci/run does)")
-    # Only .env configures it: no variable of this shell may override a default.
+    # Only .env configures it (and ``variables``): no variable of this shell may override a
+    # default.
     env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
-    out = subprocess.run([exe, "-f", str(COMPOSE), "config"], capture_output=True, text=True,
-                         timeout=120, env=env, cwd=DEPLOY)
+    return subprocess.run([exe, "-f", str(COMPOSE), "config"], capture_output=True, text=True,
+                          timeout=120, env={**env, **variables}, cwd=DEPLOY)
+
+
+@pytest.fixture(scope="module")
+def config() -> dict:
+    # The cluster secret is required (no default): the operator supplies it, as here.
+    out = compose_config(FDPD_CLUSTER_SECRET=secrets.token_hex(32))
     assert out.returncode == 0, f"docker-compose config failed:\n{out.stderr}"
     return yaml.safe_load(out.stdout)
+
+
+def test_compose_refuses_to_start_without_a_cluster_secret():
+    out = compose_config()
+    assert out.returncode != 0
+    assert "set FDPD_CLUSTER_SECRET" in out.stderr, out.stderr
+    assert "FDPD_CLUSTER_SECRET" not in dotenv()       # .env ships no value either
 
 
 def dotenv() -> dict[str, str]:
@@ -80,6 +94,7 @@ def test_compose_file_is_complete(config):
         unknown = set(env) - launch_envvars
         assert not unknown, f"{name}: {sorted(unknown)} are no `fdpd launch` option"
         assert env["FDPD_INSTANCE_ID"] == name and env["FDPD_ADVERTISE_HOST"] == name
+        assert len(env["FDPD_CLUSTER_SECRET"]) == 64          # the one supplied, in every service
     assert roles == {"router": "router", "prefill-1": "prefill", "prefill-2": "prefill",
                      "decode-1": "decode", "decode-2": "decode"}
     for name in ("prefill-1", "decode-1"):
