@@ -33,12 +33,13 @@ def stop_server(proc: subprocess.Popen) -> None:
     proc.wait(timeout=10)
 
 
-def start_redis(port: int) -> subprocess.Popen:
-    """A throwaway redis-server on 127.0.0.1:``port`` (no persistence)."""
+def start_redis(port: int, *options: str) -> subprocess.Popen:
+    """A throwaway redis-server on 127.0.0.1:``port`` (no persistence), listening when this
+    returns; ``options`` are more redis-server flags."""
     proc = subprocess.Popen(
         ["redis-server", "--save", "", "--appendonly", "no", "--port", str(port),
-         "--bind", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
+         "--bind", "127.0.0.1", *options], stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_port(port, proc, 10)
     except RuntimeError:
@@ -92,18 +93,10 @@ class LocalRedisCluster:
     def _start_node(self, i: int, port: int, bus: int) -> subprocess.Popen:
         node_dir = self.directory / f"node{i}"
         node_dir.mkdir(exist_ok=True)
-        proc = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir),
-             "--save", "", "--appendonly", "no", "--cluster-enabled", "yes",
-             "--cluster-port", str(bus), "--cluster-config-file", "nodes.conf",
-             "--cluster-node-timeout", "2000", "--cluster-require-full-coverage", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            wait_port(port, proc, 10)
-        except RuntimeError:
-            stop_server(proc)
-            raise
-        return proc
+        return start_redis(port, "--dir", str(node_dir), "--cluster-enabled", "yes",
+                           "--cluster-port", str(bus), "--cluster-config-file", "nodes.conf",
+                           "--cluster-node-timeout", "2000",
+                           "--cluster-require-full-coverage", "no")
 
     def wait_state_ok(self, deadline_s: float) -> None:
         """Every live node reports ``cluster_state:ok`` (slots assigned, gossip settled)."""

@@ -18,7 +18,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -27,8 +26,9 @@ import yaml
 
 import fdpd
 from fdpd.cli import launch
-from fdpd.testing import ClusterProcess, complete, free_port
-from fdpd.testing.processes import child_env, deadline_loop
+from fdpd.testing import complete, free_port
+from fdpd.testing.local_services import LocalServices, local_argv
+from fdpd.testing.processes import child_env
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -157,16 +157,16 @@ def test_gpu_overlay_puts_engines_on_gpus():
 
 
 # ---------------------------------------------------------------------- running it locally
-class LocalPods:
+class LocalPods(LocalServices):
     """One pod per workload as a local process: ``SERVICE:PORT`` becomes
     ``127.0.0.1:<free port>`` of the pod behind it, a container port named by an env value or a
     ``--port`` argument becomes that pod's free port, and the downward API gives the pod's name
     and 127.0.0.1."""
 
     def __init__(self, objects: list[dict], secret: dict[str, str], log_dir: Path):
+        super().__init__(log_dir)
         self.objects = objects
         self.secret = secret
-        self.log_dir = log_dir
         self.workloads = {**by_kind(objects, "Deployment"), **by_kind(objects, "StatefulSet")}
         self.pod = {w: f"{w}-0" for w in self.workloads}
         self.ports: dict[tuple[str, int], int] = {}
@@ -183,7 +183,6 @@ class LocalPods:
                 self.service_port[(name, p["port"])] = self.local(w, p["targetPort"])
         hosts = "|".join(re.escape(n) for n, _ in self.service_port)
         self._host_port = re.compile(rf"\b({hosts}):(\d+)\b")
-        self.procs: dict[str, ClusterProcess] = {}
 
     def local(self, workload: str, port: int | str) -> int:
         if isinstance(port, str):
@@ -197,15 +196,7 @@ class LocalPods:
             else value
 
     def argv(self, workload: str, words: list[str]) -> list[str]:
-        words = list(words)
-        for i, w in enumerate(words[:-1]):
-            if w in ("--port", "-p"):                # redis-server's port, redis-cli's
-                words[i + 1] = str(self.local(workload, int(words[i + 1])))
-        if words[0] == "fdpd":
-            return [sys.executable, "-m", "fdpd", *words[1:]]
-        if words[0] == "redis-server":
-            return [*words, "--bind", "127.0.0.1"]
-        return words
+        return local_argv(words, lambda port: self.local(workload, port))
 
     def env(self, workload: str) -> dict[str, str]:
         env = {}
@@ -224,14 +215,10 @@ class LocalPods:
             env["FDPD_TORCH_THREADS"] = "1"                 # 2 shared cores here
         return child_env(env, str(ROOT))
 
-    def start(self, workload: str) -> ClusterProcess:
+    def start(self, workload: str) -> None:
         c = container(self.workloads[workload])
-        words = [*c["command"], *c.get("args", [])]
-        proc = ClusterProcess(self.pod[workload], workload, self.argv(workload, words),
-                              self.log_dir / f"{workload}.log", self.env(workload))
-        self.procs[workload] = proc
-        proc.start()
-        return proc
+        self.launch(workload, self.argv(workload, [*c["command"], *c.get("args", [])]),
+                    self.env(workload))
 
     def probe(self, workload: str, kind: str) -> bool:
         """Run the container's ``kind`` probe once, as the kubelet would."""
@@ -255,20 +242,7 @@ class LocalPods:
         return out.returncode == 0
 
     def wait_probe(self, workload: str, kind: str, timeout: float = 90) -> None:
-        for _ in deadline_loop(timeout, 0.2):
-            assert self.procs[workload].alive, f"{workload} exited:\n{self.logs()}"
-            if self.probe(workload, kind):
-                return
-        raise AssertionError(f"{workload} {kind} failing after {timeout} s:\n{self.logs()}")
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            proc.terminate()
-        for proc in self.procs.values():
-            proc.stop(10, terminate=False)
-
-    def logs(self) -> str:
-        return "\n".join(f"----- {n} -----\n{p.log_tail(30)}" for n, p in self.procs.items())
+        self.wait_until(workload, lambda: self.probe(workload, kind), timeout, kind)
 
 
 def _int(value: str) -> int | None:
