@@ -110,15 +110,18 @@ class RedisClusterStore(RedisProtocolStore):
     def _server_failed(self, error: Exception) -> None:
         self._refresh_due = True
 
-    def _primary(self, cluster: Any, slot: int) -> Any:
+    def _primary(self, cluster: Any, slot: int) -> Any | None:
+        """The client of the slot's primary; None (and a refresh due) for a slot that no
+        node serves in our map (a cluster being resharded or not fully set up)."""
         owners = cluster.nodes_manager.slots_cache.get(slot)
         if not owners:
-            raise StoreUnavailable(f"{self.kind} store {self.url}: hash slot {slot} has no "
-                                   "owner (cluster not fully set up?)")
+            self._refresh_due = True
+            return None
         return cluster.get_redis_connection(owners[0])
 
     # ------------------------------------------------------------------ routing
     def _route(self, names: Sequence[bytes]) -> list[KeyGroup]:
+        """Keys of an unserved slot are left out of every group: misses, counted as errors."""
         cluster = self._topology()
         by_slot: dict[int, list[int]] = {}
         for i, name in enumerate(names):
@@ -126,11 +129,20 @@ class RedisClusterStore(RedisProtocolStore):
         groups: dict[int, KeyGroup] = {}
         for slot, positions in by_slot.items():
             client = self._primary(cluster, slot)
+            if client is None:
+                self._counters.add(errors=1)
+                continue
             groups.setdefault(id(client), KeyGroup(client, [])).slots.append(positions)
         return list(groups.values())
 
     def _client_for(self, name: bytes) -> Any:
-        return self._primary(self._topology(), key_slot(name))
+        slot = key_slot(name)
+        client = self._primary(self._topology(), slot)
+        if client is None:
+            self._counters.add(errors=1)
+            raise StoreUnavailable(f"{self.kind} store {self.url}: hash slot {slot} has no "
+                                   "primary in the cluster's slot map")
+        return client
 
     def _close_clients(self) -> None:
         with self._lock:

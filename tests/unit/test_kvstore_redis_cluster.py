@@ -17,6 +17,7 @@ from fdpd.kvstore import StoreUnavailable, open_store
 from fdpd.kvstore.redis_cluster import RedisClusterStore, parse_cluster_url
 from fdpd.testing.processes import free_port
 from fdpd.testing.servers import LocalRedisCluster
+from redis.crc import key_slot
 
 pytestmark = pytest.mark.timeout(120)
 TIMEOUT = 0.5
@@ -129,3 +130,22 @@ def test_no_node_reachable_fails_fast_without_failing_to_open():
     store.close()
     with pytest.raises(StoreUnavailable, match="closed"):
         store.get(key(1))
+
+
+def test_a_slot_missing_from_the_map_is_a_miss_until_the_map_is_refreshed(redis_cluster):
+    store = open_store(redis_cluster.url, timeout=TIMEOUT, key_prefix=b"unmapped:")
+    keys = [key(("u", i)) for i in range(8)]
+    for k in keys:
+        store.put(k, k)
+    slots = store._cluster.nodes_manager.slots_cache
+    lost = key_slot(store.key_prefix + keys[3])
+    slots.pop(lost)                               # as while the cluster is resharded
+    got = store.get_many(keys)
+    assert got[3] is None and [g for i, g in enumerate(got) if i != 3] == keys[:3] + keys[4:]
+    with pytest.raises(StoreUnavailable, match="no primary"):
+        store.put(keys[3], b"x")
+    assert store.stats().errors == 2
+    store._next_refresh = 0.0                     # the refresh interval has passed
+    assert store.get_many(keys) == keys
+    assert lost in store._cluster.nodes_manager.slots_cache
+    store.close()
