@@ -189,11 +189,13 @@ class LocalPods(LocalServices):
             port = self.named[(workload, port)]
         return self.ports[(workload, port)]
 
-    def rewrite(self, workload: str, value: str) -> str:
+    def rewrite(self, workload: str, key: str, value: str) -> str:
+        """``SERVICE:PORT`` in any value; a ``*_PORT`` variable naming a container port."""
         value = self._host_port.sub(
             lambda m: f"127.0.0.1:{self.service_port[(m.group(1), int(m.group(2)))]}", value)
-        return str(self.local(workload, int(value))) if (workload, _int(value)) in self.ports \
-            else value
+        if key.endswith("_PORT"):
+            return str(self.local(workload, int(value)))
+        return value
 
     def argv(self, workload: str, words: list[str]) -> list[str]:
         return local_argv(words, lambda port: self.local(workload, port))
@@ -202,7 +204,7 @@ class LocalPods(LocalServices):
         env = {}
         for key, value in env_of(self.objects, self.workloads[workload]).items():
             if isinstance(value, str):
-                env[key] = self.rewrite(workload, value)
+                env[key] = self.rewrite(workload, key, value)
             elif "fieldRef" in value:
                 field = value["fieldRef"]["fieldPath"]
                 env[key] = {"metadata.name": self.pod[workload], "status.podIP": "127.0.0.1"}[
@@ -243,10 +245,6 @@ class LocalPods(LocalServices):
 
     def wait_probe(self, workload: str, kind: str, timeout: float = 90) -> None:
         self.wait_until(workload, lambda: self.probe(workload, kind), timeout, kind)
-
-
-def _int(value: str) -> int | None:
-    return int(value) if value.isdigit() else None
 
 
 def reference(items: list[tuple[list[int], int]]) -> list[list[int]]:
