@@ -56,7 +56,9 @@ class EngineConfig:
     scheduling_policy: str = _opt("fcfs", "Queue order: fcfs or priority (lower value first).")
     kv_store: str | None = _opt(None, "KV store for preempted (and, with "
                                 "--kv-store-write-finished, finished) requests' KV: "
-                                "disk:PATH | redis://HOST:PORT/DB | mooncake://MASTER?...")
+                                "disk:PATH | redis://HOST:PORT/DB | "
+                                "redis-cluster://HOST:PORT[,HOST:PORT...] | "
+                                "mooncake://MASTER?...")
     kv_store_timeout: float = _opt(2.0, "Seconds any one KV-store call may take before it "
                                    "counts as a miss.")
     kv_store_write_finished: bool = _opt(False, "Also write finished requests' KV to the store "

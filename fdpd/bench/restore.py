@@ -89,7 +89,7 @@ def run(prompt_len: int, decode_first: int, trials: int, store_url: str | None,
               help="Tokens decoded before the preemption.")
 @click.option("--trials", default=3, show_default=True)
 @click.option("--kv-store", default=None, help="Store URL (default: a temporary disk store); "
-              "e.g. redis://127.0.0.1:6379/0.")
+              "e.g. redis://127.0.0.1:6379/0 or redis-cluster://HOST:PORT,HOST:PORT.")
 @click.option("--hidden", default=512, show_default=True)
 @click.option("--layers", default=8, show_default=True)
 @click.option("--model", default=None, help="A model directory instead of a synthetic one.")

@@ -1,5 +1,5 @@
 """KV store for preempted and reusable KV blocks: the contract (``base``), the object format
-(``codec``) and the backends (``disk``, ``redis_store``, ``mooncake_store``).
+(``codec``) and the backends (``disk``, ``redis_store``, ``redis_cluster``, ``mooncake_store``).
 
 Backends are chosen by URL with :func:`open_store`; the Redis and Mooncake client libraries are
 imported only when such a store is opened.
@@ -15,6 +15,7 @@ from fdpd.kvstore.codec import KVObjectError, decode_block, encode_block
 
 DEFAULT_DISK_CAPACITY_MB = 4096
 URL_FORMS = ("disk:PATH[?capacity_mb=N]", "redis://HOST:PORT/DB", "rediss://HOST:PORT/DB",
+             "redis-cluster://HOST:PORT[,HOST:PORT...]",
              "mooncake://MASTER_HOST:PORT?metadata=P2PHANDSHAKE&protocol=tcp&segment_mb=N")
 
 __all__ = ["KVObjectError", "KVStore", "StoreStats", "StoreUnavailable", "decode_block",
@@ -23,8 +24,8 @@ __all__ = ["KVObjectError", "KVStore", "StoreStats", "StoreUnavailable", "decode
 
 def open_store(url: str, timeout: float = 2.0, **kw: Any) -> KVStore:
     """Open the store named by ``url``; ``kw`` goes to the backend's constructor
-    (``capacity_bytes`` for disk, ``ttl_seconds``/``key_prefix`` for Redis, ``key_prefix``/
-    ``setup_timeout`` for Mooncake)."""
+    (``capacity_bytes`` for disk, ``ttl_seconds``/``key_prefix`` for Redis and Redis Cluster,
+    ``key_prefix``/``setup_timeout`` for Mooncake)."""
     if url.startswith("disk:"):
         from fdpd.kvstore.disk import DiskStore
 
@@ -46,6 +47,10 @@ def open_store(url: str, timeout: float = 2.0, **kw: Any) -> KVStore:
         from fdpd.kvstore.redis_store import RedisStore
 
         return RedisStore(url, timeout=timeout, **kw)
+    if url.startswith("redis-cluster://"):
+        from fdpd.kvstore.redis_cluster import RedisClusterStore
+
+        return RedisClusterStore(url, timeout=timeout, **kw)
     if url.startswith("mooncake://"):
         from fdpd.kvstore.mooncake_store import MooncakeStore
 

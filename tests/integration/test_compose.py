@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -30,6 +31,7 @@ import fdpd
 from fdpd import LLM, SamplingParams
 from fdpd.cli import launch
 from fdpd.testing import ClusterProcess, complete, free_port
+from fdpd.testing.local_services import LocalServices, local_argv
 from fdpd.testing.processes import child_env, deadline_loop
 
 pytestmark = pytest.mark.timeout(180)
@@ -41,18 +43,31 @@ FDPD_SERVICES = ("router", "prefill-1", "prefill-2", "decode-1", "decode-2")
 GREEDY = {"temperature": 0, "ignore_eos": True, "return_token_ids": True}
 
 
-@pytest.fixture(scope="module")
-def config() -> dict:
+def compose_config(**variables: str) -> subprocess.CompletedProcess:
     exe = shutil.which("docker-compose")
     if exe is None:
         pytest.skip("docker-compose is not installed (apt-get install -y docker-compose; "
                     ".ci/run does)")
-    # Only .env configures it: no variable of this shell may override a default.
+    # Only .env configures it (and ``variables``): no variable of this shell may override a
+    # default.
     env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
-    out = subprocess.run([exe, "-f", str(COMPOSE), "config"], capture_output=True, text=True,
-                         timeout=120, env=env, cwd=DEPLOY)
+    return subprocess.run([exe, "-f", str(COMPOSE), "config"], capture_output=True, text=True,
+                          timeout=120, env={**env, **variables}, cwd=DEPLOY)
+
+
+@pytest.fixture(scope="module")
+def config() -> dict:
+    # The cluster secret is required (no default): the operator supplies it, as here.
+    out = compose_config(FDPD_CLUSTER_SECRET=secrets.token_hex(32))
     assert out.returncode == 0, f"docker-compose config failed:\n{out.stderr}"
     return yaml.safe_load(out.stdout)
+
+
+def test_compose_refuses_to_start_without_a_cluster_secret():
+    out = compose_config()
+    assert out.returncode != 0
+    assert "set FDPD_CLUSTER_SECRET" in out.stderr, out.stderr
+    assert "FDPD_CLUSTER_SECRET" not in dotenv()       # .env ships no value either
 
 
 def dotenv() -> dict[str, str]:
@@ -80,6 +95,7 @@ def test_compose_file_is_complete(config):
         unknown = set(env) - launch_envvars
         assert not unknown, f"{name}: {sorted(unknown)} are no `fdpd launch` option"
         assert env["FDPD_INSTANCE_ID"] == name and env["FDPD_ADVERTISE_HOST"] == name
+        assert len(env["FDPD_CLUSTER_SECRET"]) == 64          # the one supplied, in every service
     assert roles == {"router": "router", "prefill-1": "prefill", "prefill-2": "prefill",
                      "decode-1": "decode", "decode-2": "decode"}
     for name in ("prefill-1", "decode-1"):
@@ -101,18 +117,17 @@ def test_env_file_documents_every_knob():
 
 
 # ---------------------------------------------------------------------- running it locally
-class LocalCompose:
+class LocalCompose(LocalServices):
     """The compose services as local processes: ``NAME:PORT`` (and ``localhost:PORT`` inside
     a service) become ``127.0.0.1:<free port>``; volumes become their host directories."""
 
     def __init__(self, config: dict, log_dir: Path):
+        super().__init__(log_dir)
         self.services = {n: s for n, s in config["services"].items() if not s.get("profiles")}
         self.ports = {(name, int(p)): free_port() for name, svc in self.services.items()
                       for p in svc.get("expose", [])}
         hosts = "|".join(re.escape(h) for h in [*self.services, "localhost", "127.0.0.1"])
         self._host_port = re.compile(rf"\b({hosts}):(\d+)\b")
-        self.log_dir = log_dir
-        self.procs: dict[str, ClusterProcess] = {}
 
     def port(self, service: str, port: int) -> int:
         return self.ports[(service, port)]
@@ -130,15 +145,8 @@ class LocalCompose:
         return value
 
     def argv(self, service: str, words: list[str]) -> list[str]:
-        words = [self.rewrite(service, w) for w in words]
-        for i, w in enumerate(words[:-1]):
-            if w in ("--port", "-p"):                # redis-server's port, redis-cli's
-                words[i + 1] = str(self.port(service, int(words[i + 1])))
-        if words[0] == "fdpd":
-            return [sys.executable, "-m", "fdpd", *words[1:]]
-        if words[0] == "redis-server":
-            return [*words, "--bind", "127.0.0.1"]
-        return words
+        return local_argv([self.rewrite(service, w) for w in words],
+                          lambda port: self.port(service, port))
 
     def env(self, service: str) -> dict[str, str]:
         env = {k: self.rewrite(service, v)
@@ -153,14 +161,8 @@ class LocalCompose:
         return child_env(env, str(ROOT))
 
     def start(self, service: str) -> ClusterProcess:
-        proc = self.procs.get(service)
-        if proc is None:
-            svc = self.services[service]
-            proc = ClusterProcess(service, service, self.argv(service, svc["command"]),
-                                  self.log_dir / f"{service}.log", self.env(service))
-            self.procs[service] = proc
-        proc.start()
-        return proc
+        return self.launch(service, self.argv(service, self.services[service]["command"]),
+                           self.env(service))
 
     def healthy(self, service: str) -> bool:
         """Run the service's own health check (as compose would, in its container)."""
@@ -171,21 +173,7 @@ class LocalCompose:
         return out.returncode == 0
 
     def wait_healthy(self, service: str, timeout: float = 60) -> None:
-        for _ in deadline_loop(timeout, 0.2):
-            proc = self.procs[service]
-            assert proc.alive, f"{service} exited:\n{self.logs()}"
-            if self.healthy(service):
-                return
-        raise AssertionError(f"{service} not healthy after {timeout} s:\n{self.logs()}")
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            proc.terminate()
-        for proc in self.procs.values():
-            proc.stop(10, terminate=False)
-
-    def logs(self) -> str:
-        return "\n".join(f"----- {n} -----\n{p.log_tail(30)}" for n, p in self.procs.items())
+        self.wait_until(service, lambda: self.healthy(service), timeout, "health check")
 
 
 @pytest.fixture

@@ -1,10 +1,12 @@
 """PD clusters with a KV store: preempted KV is written back and restored, exactly, with the
-disk and the Redis backend; a conversation's next turn on another prefill instance loads the
-earlier turns' KV from the shared store."""
+disk, the Redis and the Redis Cluster backend (also with a cluster shard killed mid-run); a
+conversation's next turn on another prefill instance loads the earlier turns' KV from the shared
+store."""
 
 from __future__ import annotations
 
 import random
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -12,6 +14,7 @@ import torch
 
 from fdpd import LLM, SamplingParams
 from fdpd.testing import complete
+from fdpd.testing.servers import LocalRedisCluster
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -61,11 +64,26 @@ def wait_counters(cluster) -> dict:
     return decode_counters(cluster)
 
 
-@pytest.mark.parametrize("backend", ["disk", "redis"])
+_WITHOUT_STORE: list[dict] = []
+
+
+def without_store(cluster_factory, expected) -> dict:
+    """The decode's counters after the workload with no store: the same for every backend, so
+    it runs once per module (its first caller's)."""
+    if not _WITHOUT_STORE:
+        cluster = cluster_factory(decode_args=DECODE_POOL)
+        assert run_workload(cluster) == expected, cluster.logs()
+        _WITHOUT_STORE.append(wait_counters(cluster))
+        cluster.close()
+    return _WITHOUT_STORE[0]
+
+
+@pytest.mark.parametrize("backend", ["disk", "redis", "redis-cluster"])
 def test_preemption_restores_from_the_store_exactly(cluster_factory, tmp_path, expected,
                                                     backend, request):
-    url = (f"disk:{tmp_path / 'decode-store'}" if backend == "disk"
-           else request.getfixturevalue("redis_url"))
+    url = {"disk": lambda: f"disk:{tmp_path / 'decode-store'}",
+           "redis": lambda: request.getfixturevalue("redis_url"),
+           "redis-cluster": lambda: request.getfixturevalue("redis_cluster").url}[backend]()
     cluster = cluster_factory(decode_args=[*DECODE_POOL, "--kv-store", url])
     assert run_workload(cluster) == expected, cluster.logs()
     d = wait_counters(cluster)
@@ -75,12 +93,40 @@ def test_preemption_restores_from_the_store_exactly(cluster_factory, tmp_path, e
     assert store["blocks_written"] > 0 and store["blocks_restored"] > 0, d
     assert store["corrupt_objects"] == 0 and store["errors"] == 0, d
     # The same workload without a store recomputes what the store restored.
-    cluster = cluster_factory(decode_args=DECODE_POOL)
-    assert run_workload(cluster) == expected, cluster.logs()
-    plain = wait_counters(cluster)
-    cluster.close()
+    plain = without_store(cluster_factory, expected)
     assert plain["num_preemptions"] > 0
     assert d["num_recomputed_tokens"] < 0.5 * plain["num_recomputed_tokens"], (d, plain)
+
+
+def test_a_redis_cluster_shard_killed_mid_run_keeps_outputs_exact(cluster_factory, tmp_path,
+                                                                   expected, redis_cluster):
+    """Once write-backs flow, one of the three primaries dies: its objects are gone and its
+    slots unreachable, so those reads and writes are misses (recomputed) and the rest restore."""
+    own = LocalRedisCluster(tmp_path / "rc").start()
+    try:
+        cluster = cluster_factory(decode_args=[*DECODE_POOL, "--kv-store", own.url,
+                                               "--kv-store-timeout", "0.5"])
+        killed = threading.Event()
+
+        def kill_once_written():
+            cluster.wait_for(lambda: decode_counters(cluster)["kv_store"]["blocks_written"] > 0,
+                             timeout=60, what="the first write-back")
+            own.kill_shard(1)
+            killed.set()
+
+        killer = threading.Thread(target=kill_once_written, daemon=True)
+        killer.start()
+        got = run_workload(cluster)
+        killer.join(timeout=70)
+        assert killed.is_set(), "no write-back happened before the workload ended"
+        assert got == expected, cluster.logs()
+        d = wait_counters(cluster)
+    finally:
+        own.stop()
+    store = d["kv_store"]
+    assert d["num_preemptions"] > 0, d
+    assert store["blocks_restored"] > 0 and store["errors"] > 0, d
+    assert store["corrupt_objects"] == 0, d
 
 
 def test_next_turn_on_another_prefill_loads_history_from_the_store(cluster_factory,

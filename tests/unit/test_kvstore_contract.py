@@ -1,5 +1,6 @@
-"""One contract for every KV store backend (disk always; Redis and Mooncake against real
-servers started here), plus the object codec and each backend's own hazards.
+"""One contract for every KV store backend (disk always; Redis, a 3-master Redis Cluster and
+Mooncake against real servers started here), plus the object codec and each backend's own
+hazards.
 
 Redis needs the ``redis-server`` binary (CI: ``apt-get install -y redis-server``); Mooncake
 needs the ``mooncake-transfer-engine-non-cuda`` wheel and ``libibverbs1``. Missing ones skip
@@ -104,7 +105,7 @@ def mooncake_master(tmp_path_factory):
     stop_server(proc)
 
 
-@pytest.fixture(params=["disk", "redis", "mooncake"])
+@pytest.fixture(params=["disk", "redis", "redis-cluster", "mooncake"])
 def make_store(request, tmp_path):
     """A factory of stores of one backend, isolated per test (own directory or key prefix),
     closed at teardown. ``fresh=False`` may hand out a store shared by the module where opening
@@ -114,8 +115,9 @@ def make_store(request, tmp_path):
     if request.param == "disk":
         def make(fresh):
             return DiskStore(tmp_path / "kv", capacity_bytes=64 << 20, timeout=2.0)
-    elif request.param == "redis":
-        url = request.getfixturevalue("redis_url")
+    elif request.param in ("redis", "redis-cluster"):
+        url = (request.getfixturevalue("redis_url") if request.param == "redis"
+               else request.getfixturevalue("redis_cluster").url)
 
         def make(fresh):
             return open_store(url, timeout=2.0, key_prefix=prefix.encode())
@@ -430,6 +432,10 @@ def test_open_store_urls(tmp_path):
         open_store(f"disk:{tmp_path}/b?size=1")
     with pytest.raises(ValueError, match="MASTER_HOST"):
         open_store("mooncake://nohostport")
+    for bad in ("redis-cluster://", "redis-cluster://host", "redis-cluster://h:1/0",
+                "redis-cluster://h:1,h:notaport", "redis-cluster://h:1?x=1"):
+        with pytest.raises(ValueError, match=r"redis-cluster://HOST:PORT\[,HOST:PORT"):
+            open_store(bad)
 
 
 # ---------------------------------------------------------------------------- redis
