@@ -100,7 +100,7 @@ class Engine:
         else:
             self.runner = ModelRunner(self.loaded.model, num_blocks=num_blocks,
                                       block_size=config.block_size, device=self.device,
-                                      dtype=self.dtype)
+                                      dtype=self.dtype, kernels=config.kernels)
         if preemption is None and config.kv_store:
             preemption = self._store_preemption()
         self.scheduler = Scheduler(

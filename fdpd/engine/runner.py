@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fdpd.model import native
 from fdpd.model.attention import AttentionMetadata, DecodeGroup, PrefillSpan
 from fdpd.model.llama import LlamaForCausalLM
 
@@ -43,9 +44,12 @@ MAX_DECODE_GROUPS = 4
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, *, num_blocks: int, block_size: int,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, kernels: str = "auto"):
         c = model.config
         self.model = model
+        # Decode attention through the block table in place (fdpd.model.native) unless plain
+        # torch is asked for or the kernel cannot be built here.
+        self.native_attention = kernels != "torch" and native.available(device)
         self.block_size = block_size
         self.device = device
         self.num_blocks = num_blocks
@@ -98,13 +102,29 @@ class ModelRunner:
         return PrefillSpan(first, n, start, key_blocks=blocks, mask=mask)
 
     def _decode_groups(self, decodes: list[tuple[int, BatchItem]]) -> list[DecodeGroup]:
-        """Split decodes into up to ``MAX_DECODE_GROUPS`` batches of similar context length, so
-        a short request is not padded to the longest one in the step."""
+        """The native kernel takes every decode of the step at once (nothing is padded). For
+        plain torch, split decodes into up to ``MAX_DECODE_GROUPS`` batches of similar context
+        length, so a short request is not padded to the longest one in the step."""
         if not decodes:
             return []
+        if self.native_attention:
+            return [self._native_decode_group(decodes)]
         decodes = sorted(decodes, key=lambda d: d[1].start)
         size = -(-len(decodes) // MAX_DECODE_GROUPS)
         return [self._decode_group(decodes[i:i + size]) for i in range(0, len(decodes), size)]
+
+    def _native_decode_group(self, decodes: list[tuple[int, BatchItem]]) -> DecodeGroup:
+        bs, dev = self.block_size, self.device
+        lens = [item.start + 1 for _, item in decodes]
+        width = -(-max(lens) // bs)
+        table = [list(item.block_ids[:width]) + [0] * (width - min(width, len(item.block_ids)))
+                 for _, item in decodes]
+        index = [first for first, _ in decodes]
+        run = ((index[0], index[0] + len(index))
+               if index == list(range(index[0], index[0] + len(index))) else None)
+        return DecodeGroup(torch.tensor(index, dtype=torch.long, device=dev),
+                           torch.tensor(table, dtype=torch.long, device=dev), None, run,
+                           seq_lens=torch.tensor(lens, dtype=torch.long, device=dev))
 
     def _decode_group(self, decodes: list[tuple[int, BatchItem]]) -> DecodeGroup:
         bs, dev = self.block_size, self.device

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fdpd.model import native
+
 
 @dataclass
 class PrefillSpan:
@@ -39,13 +41,18 @@ class PrefillSpan:
 
 @dataclass
 class DecodeGroup:
-    """Requests adding one token each, attended as one padded batch."""
+    """Requests adding one token each, attended as one batch.
+
+    Two ways, chosen by the runner: with ``seq_lens`` the native kernel
+    (``fdpd.model.native``) reads the blocks in place, one group for every decode of the step;
+    with ``mask`` the blocks are gathered into a padded dense batch for SDPA (plain torch)."""
 
     token_index: torch.Tensor         # [B] flat-batch index of each decode token
     block_table: torch.Tensor         # [B, W] block ids, padded with block 0
-    mask: torch.Tensor                # [B, 1, 1, W * block_size] True where a key is visible
+    mask: torch.Tensor | None         # [B, 1, 1, W * block_size] True where a key is visible
     # The group's tokens form one contiguous run of the flat batch (saves a gather/scatter).
     run: tuple[int, int] | None = None
+    seq_lens: torch.Tensor | None = None   # [B] int64 context length incl. the new token
 
 
 @dataclass
@@ -97,15 +104,28 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
 
     for group in meta.decodes:
         qd = q[slice(*group.run)] if group.run else q.index_select(0, group.token_index)
-        b, w = group.block_table.shape
-        blocks = group.block_table.flatten()
-        keys = k_cache.index_select(0, blocks).view(b, -1, num_kv_heads, head_dim)
-        values = v_cache.index_select(0, blocks).view(b, -1, num_kv_heads, head_dim)
-        o = F.scaled_dot_product_attention(
-            qd.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=group.mask,
-            scale=scale, enable_gqa=True).squeeze(2)              # [B, Hq, D]
+        if group.seq_lens is not None:
+            o = torch.empty_like(qd)
+            native.paged_decode_attention(o, qd.contiguous(), cache, group.block_table,
+                                          group.seq_lens, scale)
+        else:
+            o = _gathered_decode_attention(qd, k_cache, v_cache, group, num_kv_heads, head_dim,
+                                           scale)
         if group.run:
             out[slice(*group.run)] = o
         else:
             out.index_copy_(0, group.token_index, o)
     return out
+
+
+def _gathered_decode_attention(qd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               group: DecodeGroup, num_kv_heads: int, head_dim: int,
+                               scale: float) -> torch.Tensor:
+    """Plain torch: gather the group's blocks into [B, W * bs, H, D], then masked SDPA."""
+    b = group.block_table.shape[0]
+    blocks = group.block_table.flatten()
+    keys = k_cache.index_select(0, blocks).view(b, -1, num_kv_heads, head_dim)
+    values = v_cache.index_select(0, blocks).view(b, -1, num_kv_heads, head_dim)
+    return F.scaled_dot_product_attention(
+        qd.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=group.mask,
+        scale=scale, enable_gqa=True).squeeze(2)              # [B, Hq, D]

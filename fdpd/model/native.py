@@ -1,0 +1,72 @@
+"""fdpd's native CPU kernels (``fdpd/model/csrc``), compiled on first use.
+
+``paged_decode_attention`` (csrc/paged_attention.cpp) attends each decode token to its context
+straight through the block table, instead of gathering the context into a dense copy first.
+It is built with ``torch.utils.cpp_extension`` (gcc + ninja) into torch's extension cache
+(``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), once per machine: the first
+process pays the compile (a minute on a 2-core VM), later ones load the cached library.
+``scripts/setup`` builds it ahead (``python -m fdpd.model.native``), so that no server start or
+test waits for a compiler.
+
+Where it cannot be built (no compiler, no ninja, not x86/ARM Linux) the engine logs why once
+and runs the plain-torch attention: same tokens, slower.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).with_name("csrc") / "paged_attention.cpp"]
+
+
+@functools.cache
+def load() -> str | None:
+    """Build (if needed) and load the kernels. Returns None when loaded, else why not."""
+    if os.environ.get("FDPD_NATIVE_KERNELS", "1") == "0":
+        return "disabled by FDPD_NATIVE_KERNELS=0"
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(
+            name="fdpd_native", sources=[str(s) for s in SOURCES], is_python_module=False,
+            extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False)
+    except Exception as e:   # compiler, ninja or loader missing: fall back, say why
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ''}"
+        log.warning("native kernels unavailable, using plain torch attention (%s)", reason)
+        return reason
+    return None
+
+
+def available(device: torch.device) -> bool:
+    return device.type == "cpu" and load() is None
+
+
+def paged_decode_attention(out: torch.Tensor, q: torch.Tensor, layer_cache: torch.Tensor,
+                           block_table: torch.Tensor, seq_lens: torch.Tensor,
+                           scale: float) -> None:
+    """``out[B, Hq, D]`` = attention of ``q[B, Hq, D]`` (one token per request) over the first
+    ``seq_lens[b]`` positions of request b's blocks in ``layer_cache[blocks, 2, bs, Hkv, D]``."""
+    torch.ops.fdpd.paged_decode_attention(out, q, layer_cache, block_table, seq_lens, scale)
+
+
+def main() -> None:
+    """``python -m fdpd.model.native``: build the kernels now (scripts/setup runs it)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    why = load()
+    if why is None:
+        print("fdpd native kernels: ready")
+    else:
+        print(f"fdpd native kernels: unavailable ({why}); the engine uses plain torch")
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
