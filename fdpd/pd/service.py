@@ -82,15 +82,15 @@ class InstanceService:
         self._next_heartbeat = 0.0
         self.store_latencies = (LatencyWindow(), LatencyWindow())     # write, restore
         self.streams: dict[str, Stream] = {}
-        self.metrics = InstanceMetrics()
         self.last_load: dict = {}               # swapped (never mutated) once per heartbeat
+        self.metrics = InstanceMetrics(lambda: self.last_load)
         self.loop_at = time.monotonic()
         self.metrics_server: MetricsServer | None = None
         self.metrics_url: str | None = None
         if inst.metrics_port >= 0:
             self.metrics_server = MetricsServer(
                 inst.host, inst.metrics_port,
-                lambda: self.metrics.render(self.last_load), self.health)
+                self.metrics.render, self.health)
             self.metrics_url = self.metrics_server.url(inst.advertise_host)
 
     @property

@@ -22,9 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fdpd.config import PDConfig, advertised_address
-from fdpd.metrics import Registry as MetricRegistry
 from fdpd.model.tokenizer import Tokenizer
-from fdpd.pd.load_metrics import render_loads
 from fdpd.pd.protocol import (
     Abort,
     Error,
@@ -41,6 +39,7 @@ from fdpd.pd.protocol import (
 )
 from fdpd.pd.transport import Inbound, Transport
 from fdpd.router import policy
+from fdpd.router.cluster_metrics import ClusterCollector
 from fdpd.router.registry import Instance, Registry
 from fdpd.sampling_params import SamplingParams
 
@@ -525,39 +524,9 @@ class RouterCore:
     def _transport_view(self) -> dict[str, int]:
         return self.transport.stats.view() if self.transport else {}
 
-    def metrics(self) -> str:
-        """The cluster view as Prometheus text: every instance's load report from its last
-        heartbeat (labelled by instance and role, see ``fdpd.pd.load_metrics``) and the
-        router's own counters."""
-        reg = MetricRegistry()
-        labels = ("instance", "role")
-        healthy = reg.gauge("fdpd:instance_healthy", "1 while the instance heartbeats.", labels)
-        loads = []
-        for inst in self.registry.instances.values():
-            who = {"instance": inst.instance_id, "role": inst.role}
-            healthy.set(int(inst.healthy), **who)
-            loads.append((who, inst.load))
-        # The router's own transport counters, beside the instances' (same series).
-        loads.append(({"instance": "router", "role": "router"},
-                      {"transport": self._transport_view()}))
-        render_loads(reg, loads, labels, summaries=True)
-        routed = reg.counter("fdpd:router_requests_total", "Requests dispatched, by mode.",
-                             ("mode",))
-        for mode, n in self.stats.requests.items():
-            routed.inc(n, mode=mode)
-        reg.counter("fdpd:router_retries_total", "Requests retried on another pair.").inc(
-            self.stats.retries)
-        reg.counter("fdpd:router_migrations_total", "Requests resumed on another instance "
-                    "after theirs drained.").inc(self.stats.migrations)
-        reg.counter("fdpd:router_instance_deaths_total", "Instances marked dead.").inc(
-            self.stats.instance_deaths)
-        reg.gauge("fdpd:router_requests_inflight", "Requests the router is waiting on.").set(
-            len(self.inflight))
-        reg.gauge("fdpd:router_requests_held", "Generation requests holding an admission seat "
-                  "(--max-inflight-requests).").set(self.admission.held)
-        reg.counter("fdpd:router_requests_refused_total", "Generation requests answered 429: "
-                    "no admission seat free.").inc(self.admission.refused)
-        return reg.render()
+    def metrics_collector(self) -> ClusterCollector:
+        """The cluster view on the router's ``/metrics`` (``fdpd.router.cluster_metrics``)."""
+        return ClusterCollector(self)
 
 
 def _kind(reason: str) -> str:
