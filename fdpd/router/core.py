@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fdpd.config import PDConfig, advertised_address
+from fdpd.model.config import ModelConfig
 from fdpd.model.tokenizer import Tokenizer
 from fdpd.pd.protocol import (
     Abort,
@@ -40,6 +41,7 @@ from fdpd.pd.protocol import (
 from fdpd.pd.transport import Inbound, Transport
 from fdpd.router import policy
 from fdpd.router.cluster_metrics import ClusterCollector
+from fdpd.router.cluster_model import ClusterModel, FrontendModel, given_model
 from fdpd.router.registry import Instance, Registry
 from fdpd.sampling_params import SamplingParams
 
@@ -160,25 +162,27 @@ MIN_BODY_BYTES = 1 << 20
 
 
 class RouterCore:
-    def __init__(self, *, model_name: str, tokenizer: Tokenizer | None,
-                 chat_template: str | None, max_model_len: int, pd: PDConfig,
+    def __init__(self, *, model_name: str | None, tokenizer: Tokenizer | None,
+                 chat_template: str | None, max_model_len: int | None, pd: PDConfig,
                  control_address: str = "tcp://127.0.0.1:0", max_attempts: int = 3,
-                 advertise_host: str | None = None):
-        self.model_name = model_name
-        self.tokenizer = tokenizer
-        self.chat_template = chat_template
-        self._max_model_len = max_model_len
+                 advertise_host: str | None = None, model_config: ModelConfig | None = None):
+        """``model_name`` None: serve the model of the first instance that registers
+        (``max_model_len``: the --max-model-len to apply to it, or None)."""
+        self.cluster_model = ClusterModel(None if model_name is None else given_model(
+            model_name, model_config, max_model_len or 0, tokenizer, chat_template),
+            max_model_len, self._adopted)
         self.pd = pd
         self.max_attempts = max_attempts
         self.control_address = control_address
         self.advertise_host = advertise_host
-        self.registry = Registry(timeout=max(2.0, 6 * pd.heartbeat_interval))
+        self.registry = Registry(max(2.0, 6 * pd.heartbeat_interval), self.cluster_model.admit)
         self.affinity = policy.PrefixAffinity()
         self.inflight: dict[str, Inflight] = {}           # by the attempt's wire id
         self._current: dict[str, str] = {}                # request id -> its current wire id
         self.stats = RouterStats()
         self.admission = Admission(pd.max_inflight_requests, pd.max_request_body_bytes or max(
-            MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * max_model_len), pd.request_body_timeout)
+            MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * (max_model_len or 0)),
+            pd.request_body_timeout)
         self.epoch = new_epoch()
         self._seeds = random.Random()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -201,10 +205,28 @@ class RouterCore:
         if self.transport:
             self.transport.close()
 
+    # The model's surfaces: before a router without --model has one, they raise a 503.
+    @property
+    def model_name(self) -> str:
+        return self.cluster_model.serving.name
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.cluster_model.serving.tokenizer
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.cluster_model.serving.chat_template
+
     @property
     def max_model_len(self) -> int:
         lens = [i.max_model_len for i in self.registry.instances.values() if i.healthy]
-        return min([self._max_model_len, *lens])
+        return min([self.cluster_model.serving.max_model_len, *lens])
+
+    def _adopted(self, model: FrontendModel) -> None:
+        if not self.pd.max_request_body_bytes:      # sized by the context length, see above
+            self.admission.max_body_bytes = max(MIN_BODY_BYTES,
+                                                BODY_BYTES_PER_TOKEN * model.max_model_len)
 
     # ------------------------------------------------------------------ one request
     async def generate(self, request_id: str, prompt_token_ids: list[int],
@@ -421,8 +443,9 @@ class RouterCore:
         elif isinstance(msg, Register):
             old = self.registry.get(msg.instance_id)
             ok, why = self.registry.register(msg, env.epoch)
-            log.info("register %s (%s at %s, epoch %d): %s", msg.instance_id, msg.role,
-                     msg.address, env.epoch, "ok" if ok else why)
+            if ok:                      # a refusal is logged by the registry, once
+                log.info("register %s (%s at %s, epoch %d): ok", msg.instance_id, msg.role,
+                         msg.address, env.epoch)
             self._send(msg.address, RegisterAck(ok, why))
             if ok and old is not None and old.healthy and old.epoch != env.epoch:
                 # A new incarnation: what the old one held is gone, even when it came back
@@ -518,8 +541,10 @@ class RouterCore:
                            "migrations": self.stats.migrations,
                            "admission": self.admission.view(),
                            "authenticated": self.pd.cluster_key is not None,
-                           "transport": self._transport_view()},
-                "instances": [i.view() for i in self.registry.instances.values()]}
+                           "transport": self._transport_view(),
+                           "model": self.cluster_model.view()},
+                "instances": [i.view() for i in self.registry.instances.values()],
+                "refused": [r.view() for r in self.registry.refused.values()]}
 
     def _transport_view(self) -> dict[str, int]:
         return self.transport.stats.view() if self.transport else {}

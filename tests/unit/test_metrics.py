@@ -8,6 +8,7 @@ import prometheus_client
 from prometheus_client.parser import text_string_to_metric_families
 
 from fdpd.config import PDConfig
+from fdpd.model.tiny import TINY_CONFIG
 from fdpd.pd.instance_metrics import InstanceMetrics
 from fdpd.pd.protocol import Register
 from fdpd.router.core import RouterCore
@@ -53,7 +54,8 @@ def test_cluster_view_is_a_collector_read_at_scrape_time():
                       pd=PDConfig())
     metrics = RouterMetrics(core.metrics_collector())
     assert "fdpd:instance_healthy{" not in metrics.render()
-    reg = Register("decode-0", "decode", "tcp://127.0.0.1:1", "tiny", 16, 64, 128)
+    reg = Register("decode-0", "decode", "tcp://127.0.0.1:1", "tiny", 16, 64, 128,
+                   TINY_CONFIG.fingerprint("float32", 16), "float32", "tiny")
     assert core.registry.register(reg, epoch=1)[0]
     core.registry.heartbeat("decode-0", 1, {"running": 2, "ledger": {"grants_granted": 3}})
     core.stats.requests["pd"] += 4
