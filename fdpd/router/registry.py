@@ -5,7 +5,7 @@ epoch and replaces the old entry. An instance is healthy while its heartbeats ar
 ``timeout`` seconds; one that misses them is marked dead (not forgotten, so /v1/cluster shows it)
 and gets no new requests until it registers again. An instance refused at registration (another
 model than the router's, see ``fdpd.router.cluster_model``) is kept in ``refused`` for
-/v1/cluster until it registers.
+/v1/cluster while it keeps trying, until it registers.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from fdpd.pd.protocol import Register
 
 log = logging.getLogger(__name__)
+MAX_REFUSALS = 64              # refused instances kept for /v1/cluster (oldest dropped first)
 
 
 @dataclass
@@ -124,6 +125,9 @@ class Registry:
             return
         log.warning("refused instance %s (%s at %s): %s", msg.instance_id, msg.role,
                     msg.address, why)
+        self.refused.pop(msg.instance_id, None)
+        while len(self.refused) >= MAX_REFUSALS:       # bounded, whoever sends Registers
+            del self.refused[next(iter(self.refused))]
         self.refused[msg.instance_id] = Refusal(msg.instance_id, msg.role, msg.address,
                                                 msg.model, why, epoch)
 
@@ -143,6 +147,9 @@ class Registry:
         now = time.monotonic()
         dead = [i for i in self.instances.values()
                 if i.healthy and now - i.last_seen > self.timeout]
+        # A refused instance retries every heartbeat; one that stopped trying is gone.
+        for gone in [k for k, r in self.refused.items() if now - r.last_seen > self.timeout]:
+            del self.refused[gone]
         for inst in dead:
             inst.healthy = False
         return dead

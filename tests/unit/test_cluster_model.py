@@ -17,6 +17,7 @@ from fdpd.pd.protocol import Register
 from fdpd.router.app import create_app
 from fdpd.router.cluster_model import NO_MODEL_YET
 from fdpd.router.core import RouterCore
+from fdpd.router.registry import MAX_REFUSALS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # see test_model.py
 from tests.model_factory import make_checkpoint
@@ -81,6 +82,18 @@ def test_a_refused_instance_leaves_the_list_when_it_registers(checkpoint):
     assert view["refused"] == [] and [i["instance_id"] for i in view["instances"]] == [
         "mixed-0"]
     assert view["router"]["model"]["name"] == "tiny"
+
+
+def test_refusals_are_bounded_and_forgotten_when_the_instance_stops_trying(checkpoint):
+    core = router("tiny")
+    for i in range(MAX_REFUSALS + 6):
+        core.registry.register(other(checkpoint, f"mixed-{i}"), epoch=1)
+    refused = core.registry.refused
+    assert len(refused) == MAX_REFUSALS and "mixed-0" not in refused and "mixed-69" in refused
+    for r in list(refused.values())[:-1]:
+        r.last_seen -= core.registry.timeout + 1
+    core.registry.expire()
+    assert list(refused) == ["mixed-69"]
 
 
 def test_a_router_without_model_takes_the_first_instances(checkpoint):
