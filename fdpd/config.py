@@ -34,7 +34,9 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 class EngineConfig:
     """Arguments of one engine (the core shared by the prefill, decode and mixed roles)."""
 
-    model: str = _opt("tiny", "Model: 'tiny' (built in) or a local Hugging Face directory.")
+    model: str = _opt("tiny", "Model: 'tiny' (built in) or a local Hugging Face directory. "
+                      "A router given none serves the model of the first instance that "
+                      "registers, and refuses instances of any other model.")
     device: str = _opt("cpu", "Torch device: cpu or cuda[:N].")
     dtype: str = _opt("auto", "Weight/activation dtype: auto (from config.json), float32, "
                       "bfloat16 or float16.")

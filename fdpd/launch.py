@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from fdpd.config import EngineConfig, InstanceConfig, PDConfig
 
@@ -86,40 +85,30 @@ def run_instance(engine_config: EngineConfig, pd: PDConfig, inst: InstanceConfig
     service.serve(stop, drain)
 
 
-@dataclass(frozen=True)
-class FrontendModel:
-    """What the router needs of the model: no weights, just names, limits and the tokenizer."""
-
-    name: str
-    max_model_len: int
-    tokenizer: object | None
-    chat_template: str | None
-
-
-def load_frontend_model(model: str, max_model_len: int | None) -> FrontendModel:
-    from fdpd.engine.engine import resolve_max_model_len
-    from fdpd.model.loader import load_model_metadata
-
-    cfg, tok = load_model_metadata(model)
-    return FrontendModel(model, resolve_max_model_len(cfg, max_model_len), tok,
-                         getattr(tok, "chat_template", None) if tok is not None else None)
-
-
-def run_router(model: str, pd: PDConfig, host: str, port: int, control_port: int | None,
-               api_key: str | None, max_model_len: int | None = None,
+def run_router(model: str | None, pd: PDConfig, host: str, port: int,
+               control_port: int | None, api_key: str | None, max_model_len: int | None = None,
                advertise_host: str | None = None) -> None:
+    """``model`` None: serve the model of the first instance that registers
+    (``fdpd.router.cluster_model``)."""
     import asyncio
 
     import uvicorn
 
     from fdpd.router.app import create_app
+    from fdpd.router.cluster_model import load_frontend_model
     from fdpd.router.core import RouterCore
 
-    front = load_frontend_model(model, max_model_len)
     control = f"tcp://{host}:{control_port if control_port is not None else port + 1}"
-    core = RouterCore(model_name=front.name, tokenizer=front.tokenizer,
-                      chat_template=front.chat_template, max_model_len=front.max_model_len,
-                      pd=pd, control_address=control, advertise_host=advertise_host)
+    if model is None:
+        core = RouterCore(model_name=None, tokenizer=None, chat_template=None,
+                          max_model_len=max_model_len, pd=pd, control_address=control,
+                          advertise_host=advertise_host)
+    else:
+        front = load_frontend_model(model, max_model_len)
+        core = RouterCore(model_name=front.name, tokenizer=front.tokenizer,
+                          chat_template=front.chat_template, max_model_len=front.max_model_len,
+                          pd=pd, control_address=control, advertise_host=advertise_host,
+                          model_config=front.config)
     app = create_app(core, api_key=api_key)
     # uvicorn re-raises the signal that stopped it once it has shut down; with the default
     # handler that kills the process before ``core.stop()`` runs (exit -15, not 0).

@@ -5,7 +5,7 @@ next to cluster processes, ran the offline engine ~20x slower)."""
 import pytest
 import zmq
 
-pytest_plugins = ["fdpd.testing.pytest_plugin"]
+pytest_plugins = ["fdpd.testing.pytest_plugin", "tests.skip_policy", "pytester"]
 
 
 @pytest.fixture(scope="session", autouse=True)

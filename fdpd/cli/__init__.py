@@ -6,6 +6,7 @@ import json
 import sys
 
 import click
+from click.core import ParameterSource
 
 from fdpd.cli.options import (
     command_option_names,
@@ -117,8 +118,13 @@ def launch(control_port, api_key, torch_threads, log_level, log_format, config_f
     if inst.role == "router":
         port = inst.port or 8000
         try:
-            launcher.run_router(engine.model, pd, inst.host, port, control_port, api_key,
-                                engine.max_model_len, advertise_host=inst.advertise_host)
+            # No --model (nor FDPD_MODEL, nor a config key): the cluster's first instance
+            # decides (fdpd.router.cluster_model).
+            given = click.get_current_context().get_parameter_source("model") \
+                is not ParameterSource.DEFAULT
+            launcher.run_router(engine.model if given else None, pd, inst.host, port,
+                                control_port, api_key, engine.max_model_len,
+                                advertise_host=inst.advertise_host)
         except ValueError as e:
             raise click.ClickException(str(e)) from None
         return

@@ -87,8 +87,9 @@ class Engine:
         num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory // bytes_per_block)
         # A cost model's KV is never computed: a fingerprint of its own keeps it out of real
         # caches and stores.
-        kv_kind = f"cost-model/{self.loaded.dtype}" if config.cost_model else self.loaded.dtype
-        self.fingerprint = mc.fingerprint(kv_kind, config.block_size)
+        self.kv_kind = (f"cost-model/{self.loaded.dtype}" if config.cost_model
+                        else self.loaded.dtype)
+        self.fingerprint = mc.fingerprint(self.kv_kind, config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size,
                                           config.enable_prefix_caching, self.fingerprint)
         if config.cost_model:

@@ -236,7 +236,7 @@ class DecodeService(InstanceService):
         """The request's whole timeline for the router: the prefill's phases, the transfer,
         ours (preemptions on both sides add up). ``kv_send`` is the measured part of
         ``kv_transfer``: the router may shorten the estimated rest, never that."""
-        self.metrics.phase.observe(kv_transfer, phase="kv_transfer")
+        self.metrics.phase.labels(phase="kv_transfer").observe(kv_transfer)
         phases = {**_phases(upstream), "kv_transfer": kv_transfer}
         for name, seconds in own.items():
             phases[name] = phases.get(name, 0.0) + seconds

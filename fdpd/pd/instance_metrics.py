@@ -13,66 +13,89 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from fdpd.metrics import CONTENT_TYPE, Registry
-from fdpd.pd.load_metrics import render_loads
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as CONTENT_TYPE
+from prometheus_client.registry import Collector
+
+from fdpd.pd.load_metrics import load_families
 
 log = logging.getLogger(__name__)
 
 # Phases run from microseconds (a decode queued for one step) to minutes (a long decode).
 PHASE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                  2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# Seconds: from sub-millisecond inter-token gaps on a GPU to minute-long CPU requests.
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                   5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
 TRANSFER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                     0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class InstanceMetrics:
-    """Latency histograms measured on this instance (its own clock)."""
+    """Latency histograms measured on this instance (its own clock), and the last load report
+    (``load``, swapped in whole once per heartbeat) as gauges and counters. One
+    ``CollectorRegistry`` per instance: never the library's process-global default, so
+    several instances (or tests) in one process do not collide."""
 
-    def __init__(self) -> None:
-        r = self.registry = Registry()
-        self.ttft = r.histogram(
+    def __init__(self, load: Callable[[], dict] = dict) -> None:
+        r = self.registry = CollectorRegistry()
+        r.register(LoadCollector(load))
+        self.ttft = Histogram(
             "fdpd:time_to_first_token_seconds",
             "Seconds from a request's arrival at this instance to its first token here "
-            "(prefill: sampled; mixed: produced). The client's view is on the router.")
-        self.itl = r.histogram(
+            "(prefill: sampled; mixed: produced). The client's view is on the router.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram(
             "fdpd:inter_token_latency_seconds",
-            "Seconds between consecutive tokens of a request sent by this instance.")
-        self.e2e = r.histogram(
+            "Seconds between consecutive tokens of a request sent by this instance.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram(
             "fdpd:e2e_request_latency_seconds",
             "Seconds from a request's arrival at this instance until it is done here "
-            "(prefill: KV shipped; decode: from the grant request to the last token).")
-        self.kv_transfer = r.histogram(
+            "(prefill: KV shipped; decode: from the grant request to the last token).",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.kv_transfer = Histogram(
             "fdpd:kv_transfer_seconds",
             "KV transfer per request. Prefill: gather and hand-off of the frames; decode: from "
             "the prefill's first send to PrefillDone arriving (one-way, estimated as the "
-            "prefill's send time plus half the round trip).", buckets=TRANSFER_BUCKETS)
-        self.grant_wait = r.histogram(
+            "prefill's send time plus half the round trip).", buckets=TRANSFER_BUCKETS, registry=r)
+        self.grant_wait = Histogram(
             "fdpd:grant_wait_seconds",
             "Decode: seconds from a grant request's arrival until it was granted (0 when "
-            "there was headroom at once).", buckets=PHASE_BUCKETS)
-        self.phase = r.histogram(
+            "there was headroom at once).", buckets=PHASE_BUCKETS, registry=r)
+        self.phase = Histogram(
             "fdpd:request_phase_seconds",
             "Seconds a request spent in each phase on this instance (router: every phase of "
-            "the request).", ("phase",), buckets=PHASE_BUCKETS)
-        self.store_write = r.histogram(
+            "the request).", ("phase",), buckets=PHASE_BUCKETS, registry=r)
+        self.store_write = Histogram(
             "fdpd:kv_store_write_seconds",
             "Seconds per KV-store write-back (one preempted request's blocks).",
-            buckets=TRANSFER_BUCKETS)
-        self.store_restore = r.histogram(
+            buckets=TRANSFER_BUCKETS, registry=r)
+        self.store_restore = Histogram(
             "fdpd:kv_store_restore_seconds", "Seconds per KV-store restore.",
-            buckets=TRANSFER_BUCKETS)
+            buckets=TRANSFER_BUCKETS, registry=r)
 
     def observe_phases(self, phases: dict[str, float]) -> None:
         for phase, seconds in phases.items():
-            self.phase.observe(seconds, phase=phase)
+            self.phase.labels(phase=phase).observe(seconds)
 
-    def render(self, load: dict) -> str:
-        reg = Registry()
-        render_loads(reg, [({}, load)])
-        return self.registry.render() + reg.render()
+    def render(self) -> str:
+        return generate_latest(self.registry).decode()
+
+
+class LoadCollector(Collector):
+    """The instance's last load report, read at scrape time (``load`` returns the dict the
+    engine thread swapped in; it is never mutated after, so the HTTP thread reads it safely)."""
+
+    def __init__(self, load: Callable[[], dict]):
+        self._load = load
+
+    def collect(self) -> Iterable[Metric]:
+        return load_families([({}, self._load())])
 
 
 class MetricsServer:

@@ -1,7 +1,8 @@
 """An instance's load report (``InstanceService.load()``, the heartbeat payload) as Prometheus
-metrics. One table, used twice: by the instance's own ``/metrics`` (one instance, no labels)
-and by the router's ``/metrics`` (the cluster view: every instance, labelled ``instance`` and
-``role``). Names follow vLLM's, with the ``fdpd:`` prefix.
+metric families, built at scrape time by a ``prometheus_client`` custom collector from the last
+report (never kept as live metric objects). One table, used twice: by the instance's own
+``/metrics`` (one instance, no labels) and by the router's ``/metrics`` (the cluster view: every
+instance, labelled ``instance`` and ``role``). Names follow vLLM's, with the ``fdpd:`` prefix.
 
 A series is written only when the load report has its value, so a prefill shows no grant
 series and an instance without a KV store no ``kv_store`` series.
@@ -12,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from fdpd.metrics import Registry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 Path = tuple[str, ...]
 # (name, help, load path(s): the sum of the values found)
@@ -102,40 +103,50 @@ def _value(load: dict, paths: tuple[Path, ...]) -> float | None:
     return total if found else None
 
 
-def render_loads(reg: Registry, loads: Iterable[tuple[dict[str, str], dict]],
-                 labelnames: Sequence[str] = (), summaries: bool = False) -> None:
-    """Add the metrics of every ``(labels, load)`` to ``reg``. ``summaries``: also the KV-store
-    latency summaries from the load's quantiles (the router; an instance exports histograms)."""
+def load_families(loads: Iterable[tuple[dict[str, str], dict]], labelnames: Sequence[str] = (),
+                  summaries: bool = False) -> list[Metric]:
+    """The metric families of every ``(labels, load)`` (``labels`` keyed by ``labelnames``),
+    for a custom collector's ``collect()``. ``summaries``: also the KV-store latency summaries
+    from the load's quantiles (the router; an instance exports histograms)."""
     loads = list(loads)
-    for table, make in ((GAUGES, reg.gauge), (COUNTERS, reg.counter)):
+    out: list[Metric] = []
+    for table, family in ((GAUGES, GaugeMetricFamily), (COUNTERS, CounterMetricFamily)):
         for name, help_text, paths in table:
-            metric = None
+            metric = family(name, help_text, labels=labelnames)
             for labels, load in loads:
                 value = _value(load, paths)
                 if value is not None:
-                    metric = metric or make(name, help_text, labelnames)
-                    _set(metric, value, labels)
+                    metric.add_metric([labels[n] for n in labelnames], value)
+            out.append(metric)
     for name, help_text, label, by_value in LABELLED:
-        metric = None
+        metric = CounterMetricFamily(name, help_text, labels=(*labelnames, label))
         for labels, load in loads:
             for label_value, paths in by_value.items():
                 value = _value(load, paths)
                 if value is not None:
-                    metric = metric or reg.counter(name, help_text, (*labelnames, label))
-                    _set(metric, value, {**labels, label: label_value})
+                    metric.add_metric([*(labels[n] for n in labelnames), label_value], value)
+        out.append(metric)
     if summaries:
-        for name, help_text, path in SUMMARIES:
-            metric = None
-            for labels, load in loads:
-                s = (load.get(path[0]) or {}).get(path[1])
-                if isinstance(s, dict) and isinstance(s.get("count"), int):
-                    metric = metric or reg.summary(name, help_text, labelnames)
-                    quantiles = {q: s[k] for q, k in ((0.5, "p50"), (0.99, "p99")) if k in s}
-                    metric.set(s["count"], s.get("sum", 0.0), quantiles, **labels)
+        out.extend(_summaries(loads, labelnames))
+    # An absent value writes no series; a family with none is left out altogether.
+    return [m for m in out if m.samples]
 
 
-def _set(metric, value: float, labels: dict[str, str]) -> None:
-    if hasattr(metric, "set"):
-        metric.set(value, **labels)
-    else:
-        metric.inc(value, **labels)
+def _summaries(loads: list[tuple[dict[str, str], dict]], labelnames: Sequence[str]) -> list[Metric]:
+    # SummaryMetricFamily has no quantiles; the load report carries p50/p99, so the samples are
+    # written by hand in the summary's exposition shape.
+    out = []
+    for name, help_text, path in SUMMARIES:
+        metric = Metric(name, help_text, "summary")
+        for labels, load in loads:
+            s = (load.get(path[0]) or {}).get(path[1])
+            if not (isinstance(s, dict) and isinstance(s.get("count"), int)):
+                continue
+            base = {n: labels[n] for n in labelnames}
+            for q, key in ((0.5, "p50"), (0.99, "p99")):
+                if isinstance(s.get(key), (int, float)):
+                    metric.add_sample(name, {**base, "quantile": str(q)}, s[key])
+            metric.add_sample(f"{name}_count", base, s["count"])
+            metric.add_sample(f"{name}_sum", base, s.get("sum", 0.0))
+        out.append(metric)
+    return out

@@ -123,6 +123,11 @@ class Register(Message):
     num_blocks: int
     max_model_len: int
     fingerprint: bytes = b""
+    # What the router needs to check (and, without --model, take) the instance's model:
+    # ``fingerprint`` was computed with this KV dtype (ModelConfig.fingerprint), and the model
+    # directory as an absolute path ('tiny' for the built-in one).
+    kv_dtype: str = ""
+    model_path: str = ""
 
 
 @dataclass

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from fdpd.config import InstanceConfig, PDConfig
@@ -67,6 +68,7 @@ class InstanceService:
         self.transport.codec.src = self.instance_id
         self.router_address = f"tcp://{inst.router}" if inst.router else None
         self.registered = False
+        self._refusal = ""                      # the last refusal logged (said once)
         self.counters: dict[str, int] = {"unexpected_messages": 0, "handler_errors": 0,
                                          "rejected": 0, "migrated": 0}
         self.draining = False
@@ -82,15 +84,15 @@ class InstanceService:
         self._next_heartbeat = 0.0
         self.store_latencies = (LatencyWindow(), LatencyWindow())     # write, restore
         self.streams: dict[str, Stream] = {}
-        self.metrics = InstanceMetrics()
         self.last_load: dict = {}               # swapped (never mutated) once per heartbeat
+        self.metrics = InstanceMetrics(lambda: self.last_load)
         self.loop_at = time.monotonic()
         self.metrics_server: MetricsServer | None = None
         self.metrics_url: str | None = None
         if inst.metrics_port >= 0:
             self.metrics_server = MetricsServer(
                 inst.host, inst.metrics_port,
-                lambda: self.metrics.render(self.last_load), self.health)
+                self.metrics.render, self.health)
             self.metrics_url = self.metrics_server.url(inst.advertise_host)
 
     @property
@@ -319,7 +321,8 @@ class InstanceService:
             self.send(self.router_address, Register(
                 self.instance_id, self.role, self.address, cfg.model,
                 cfg.block_size, self.engine.block_manager.num_blocks,
-                self.engine.max_model_len, self.engine.fingerprint))
+                self.engine.max_model_len, self.engine.fingerprint, self.engine.kv_kind,
+                cfg.model if cfg.model == "tiny" else str(Path(cfg.model).resolve())))
         else:
             self.send(self.router_address, Heartbeat(load))
 
@@ -329,9 +332,13 @@ class InstanceService:
             if self.registered:
                 log.info("%s: router asks to register again (%s)", self.instance_id,
                          msg.message)
-            else:
+            elif msg.message != self._refusal:
+                # Registering is retried every heartbeat: say each refusal once.
                 log.error("%s: router refused registration: %s", self.instance_id,
                           msg.message)
+            self._refusal = msg.message
+        else:
+            self._refusal = ""
         self.registered = msg.ok
         self._next_heartbeat = 0.0 if not msg.ok else self._next_heartbeat
 

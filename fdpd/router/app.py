@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as CONTENT_TYPE
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fdpd.metrics import CONTENT_TYPE
 from fdpd.router.chat_completions import create_chat_completion
 from fdpd.router.completions import create_completion
 from fdpd.router.errors import (
@@ -59,7 +59,7 @@ def create_app(core: RouterCore, *, api_key: str | None = None,
     ``core.start()`` / ``core.stop()`` (they must run on the server's event loop)."""
     lifespan = _core_lifespan(core) if start_core else None
     app = FastAPI(title="fdpd router", lifespan=lifespan)
-    ctx = AppContext(core, RouterMetrics(), int(time.time()))
+    ctx = AppContext(core, RouterMetrics(core.metrics_collector()), int(time.time()))
     app.state.ctx = ctx
     install_error_handlers(app)
     app.add_exception_handler(_BodyTooLarge, _answer_body_too_large)
@@ -119,14 +119,11 @@ def create_app(core: RouterCore, *, api_key: str | None = None,
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "unavailable", "reason": why}, status_code=503)
 
+    # async on purpose: the cluster collector reads the core's state, which only the event
+    # loop touches (a sync handler would run in a worker thread).
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        text = ctx.metrics.render()
-        try:
-            text += core.metrics()
-        except Exception:
-            log.exception("core.metrics() failed; serving the router's metrics only")
-        return PlainTextResponse(text, media_type=CONTENT_TYPE)
+        return PlainTextResponse(ctx.metrics.render(), media_type=CONTENT_TYPE)
 
     return app
 
@@ -318,5 +315,5 @@ class _HTTPMetricsMiddleware:
         try:
             await self.app(scope, receive, record_status)
         finally:
-            self.metrics.http_requests.inc(endpoint=self.metrics.endpoint_label(scope["path"]),
-                                           status=str(status))
+            self.metrics.http_requests.labels(
+                endpoint=self.metrics.endpoint_label(scope["path"]), status=str(status)).inc()

@@ -22,9 +22,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fdpd.config import PDConfig, advertised_address
-from fdpd.metrics import Registry as MetricRegistry
+from fdpd.model.config import ModelConfig
 from fdpd.model.tokenizer import Tokenizer
-from fdpd.pd.load_metrics import render_loads
 from fdpd.pd.protocol import (
     Abort,
     Error,
@@ -41,6 +40,8 @@ from fdpd.pd.protocol import (
 )
 from fdpd.pd.transport import Inbound, Transport
 from fdpd.router import policy
+from fdpd.router.cluster_metrics import ClusterCollector
+from fdpd.router.cluster_model import ClusterModel, FrontendModel, given_model
 from fdpd.router.registry import Instance, Registry
 from fdpd.sampling_params import SamplingParams
 
@@ -161,25 +162,27 @@ MIN_BODY_BYTES = 1 << 20
 
 
 class RouterCore:
-    def __init__(self, *, model_name: str, tokenizer: Tokenizer | None,
-                 chat_template: str | None, max_model_len: int, pd: PDConfig,
+    def __init__(self, *, model_name: str | None, tokenizer: Tokenizer | None,
+                 chat_template: str | None, max_model_len: int | None, pd: PDConfig,
                  control_address: str = "tcp://127.0.0.1:0", max_attempts: int = 3,
-                 advertise_host: str | None = None):
-        self.model_name = model_name
-        self.tokenizer = tokenizer
-        self.chat_template = chat_template
-        self._max_model_len = max_model_len
+                 advertise_host: str | None = None, model_config: ModelConfig | None = None):
+        """``model_name`` None: serve the model of the first instance that registers
+        (``max_model_len``: the --max-model-len to apply to it, or None)."""
+        self.cluster_model = ClusterModel(None if model_name is None else given_model(
+            model_name, model_config, max_model_len or 0, tokenizer, chat_template),
+            max_model_len, self._adopted)
         self.pd = pd
         self.max_attempts = max_attempts
         self.control_address = control_address
         self.advertise_host = advertise_host
-        self.registry = Registry(timeout=max(2.0, 6 * pd.heartbeat_interval))
+        self.registry = Registry(max(2.0, 6 * pd.heartbeat_interval), self.cluster_model.admit)
         self.affinity = policy.PrefixAffinity()
         self.inflight: dict[str, Inflight] = {}           # by the attempt's wire id
         self._current: dict[str, str] = {}                # request id -> its current wire id
         self.stats = RouterStats()
         self.admission = Admission(pd.max_inflight_requests, pd.max_request_body_bytes or max(
-            MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * max_model_len), pd.request_body_timeout)
+            MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * (max_model_len or 0)),
+            pd.request_body_timeout)
         self.epoch = new_epoch()
         self._seeds = random.Random()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -202,10 +205,28 @@ class RouterCore:
         if self.transport:
             self.transport.close()
 
+    # The model's surfaces: before a router without --model has one, they raise a 503.
+    @property
+    def model_name(self) -> str:
+        return self.cluster_model.serving.name
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.cluster_model.serving.tokenizer
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.cluster_model.serving.chat_template
+
     @property
     def max_model_len(self) -> int:
         lens = [i.max_model_len for i in self.registry.instances.values() if i.healthy]
-        return min([self._max_model_len, *lens])
+        return min([self.cluster_model.serving.max_model_len, *lens])
+
+    def _adopted(self, model: FrontendModel) -> None:
+        if not self.pd.max_request_body_bytes:      # sized by the context length, see above
+            self.admission.max_body_bytes = max(MIN_BODY_BYTES,
+                                                BODY_BYTES_PER_TOKEN * model.max_model_len)
 
     # ------------------------------------------------------------------ one request
     async def generate(self, request_id: str, prompt_token_ids: list[int],
@@ -422,8 +443,9 @@ class RouterCore:
         elif isinstance(msg, Register):
             old = self.registry.get(msg.instance_id)
             ok, why = self.registry.register(msg, env.epoch)
-            log.info("register %s (%s at %s, epoch %d): %s", msg.instance_id, msg.role,
-                     msg.address, env.epoch, "ok" if ok else why)
+            if ok:                      # a refusal is logged by the registry, once
+                log.info("register %s (%s at %s, epoch %d): ok", msg.instance_id, msg.role,
+                         msg.address, env.epoch)
             self._send(msg.address, RegisterAck(ok, why))
             if ok and old is not None and old.healthy and old.epoch != env.epoch:
                 # A new incarnation: what the old one held is gone, even when it came back
@@ -519,45 +541,17 @@ class RouterCore:
                            "migrations": self.stats.migrations,
                            "admission": self.admission.view(),
                            "authenticated": self.pd.cluster_key is not None,
-                           "transport": self._transport_view()},
-                "instances": [i.view() for i in self.registry.instances.values()]}
+                           "transport": self._transport_view(),
+                           "model": self.cluster_model.view()},
+                "instances": [i.view() for i in self.registry.instances.values()],
+                "refused": [r.view() for r in self.registry.refused.values()]}
 
     def _transport_view(self) -> dict[str, int]:
         return self.transport.stats.view() if self.transport else {}
 
-    def metrics(self) -> str:
-        """The cluster view as Prometheus text: every instance's load report from its last
-        heartbeat (labelled by instance and role, see ``fdpd.pd.load_metrics``) and the
-        router's own counters."""
-        reg = MetricRegistry()
-        labels = ("instance", "role")
-        healthy = reg.gauge("fdpd:instance_healthy", "1 while the instance heartbeats.", labels)
-        loads = []
-        for inst in self.registry.instances.values():
-            who = {"instance": inst.instance_id, "role": inst.role}
-            healthy.set(int(inst.healthy), **who)
-            loads.append((who, inst.load))
-        # The router's own transport counters, beside the instances' (same series).
-        loads.append(({"instance": "router", "role": "router"},
-                      {"transport": self._transport_view()}))
-        render_loads(reg, loads, labels, summaries=True)
-        routed = reg.counter("fdpd:router_requests_total", "Requests dispatched, by mode.",
-                             ("mode",))
-        for mode, n in self.stats.requests.items():
-            routed.inc(n, mode=mode)
-        reg.counter("fdpd:router_retries_total", "Requests retried on another pair.").inc(
-            self.stats.retries)
-        reg.counter("fdpd:router_migrations_total", "Requests resumed on another instance "
-                    "after theirs drained.").inc(self.stats.migrations)
-        reg.counter("fdpd:router_instance_deaths_total", "Instances marked dead.").inc(
-            self.stats.instance_deaths)
-        reg.gauge("fdpd:router_requests_inflight", "Requests the router is waiting on.").set(
-            len(self.inflight))
-        reg.gauge("fdpd:router_requests_held", "Generation requests holding an admission seat "
-                  "(--max-inflight-requests).").set(self.admission.held)
-        reg.counter("fdpd:router_requests_refused_total", "Generation requests answered 429: "
-                    "no admission seat free.").inc(self.admission.refused)
-        return reg.render()
+    def metrics_collector(self) -> ClusterCollector:
+        """The cluster view on the router's ``/metrics`` (``fdpd.router.cluster_metrics``)."""
+        return ClusterCollector(self)
 
 
 def _kind(reason: str) -> str:

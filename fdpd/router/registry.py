@@ -3,15 +3,22 @@
 An instance is identified by its ``instance_id``; a restart shows up as the same id with a larger
 epoch and replaces the old entry. An instance is healthy while its heartbeats arrive within
 ``timeout`` seconds; one that misses them is marked dead (not forgotten, so /v1/cluster shows it)
-and gets no new requests until it registers again.
+and gets no new requests until it registers again. An instance refused at registration (another
+model than the router's, see ``fdpd.router.cluster_model``) is kept in ``refused`` for
+/v1/cluster while it keeps trying, until it registers.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fdpd.pd.protocol import Register
+
+log = logging.getLogger(__name__)
+MAX_REFUSALS = 64              # refused instances kept for /v1/cluster (oldest dropped first)
 
 
 @dataclass
@@ -59,25 +66,70 @@ class Instance:
         return out
 
 
+@dataclass
+class Refusal:
+    """An instance the router would not take, kept for /v1/cluster until it registers."""
+
+    instance_id: str
+    role: str
+    address: str
+    model: str
+    reason: str
+    epoch: int
+    attempts: int = 1
+    last_seen: float = field(default_factory=time.monotonic)
+
+    def view(self) -> dict:
+        return {"instance_id": self.instance_id, "role": self.role, "address": self.address,
+                "model": self.model, "reason": self.reason, "epoch": self.epoch,
+                "attempts": self.attempts,
+                "seconds_since_attempt": round(time.monotonic() - self.last_seen, 3)}
+
+
 class Registry:
-    def __init__(self, timeout: float):
+    """``admit_model(register) -> why not`` ('' to admit) is the router's model check
+    (``fdpd.router.cluster_model.ClusterModel.admit``); without one any model is taken."""
+
+    def __init__(self, timeout: float, admit_model: Callable[[Register], str] | None = None):
         self.timeout = timeout
         self.instances: dict[str, Instance] = {}
+        self.refused: dict[str, Refusal] = {}
+        self._admit_model = admit_model
 
     def register(self, msg: Register, epoch: int) -> tuple[bool, str]:
+        why = self._admit_model(msg) if self._admit_model is not None else ""
         peers = [i for i in self.instances.values()
                  if i.healthy and i.instance_id != msg.instance_id]
-        if peers and peers[0].fingerprint != msg.fingerprint:
-            return False, (f"model fingerprint differs from the cluster's ({peers[0].model}, "
-                           f"block size {peers[0].block_size}): every instance must serve "
-                           "the same model, dtype and block size")
+        if not why and peers and peers[0].fingerprint != msg.fingerprint:
+            why = (f"model fingerprint differs from the cluster's ({peers[0].model}, "
+                   f"block size {peers[0].block_size}): every instance must serve "
+                   "the same model, dtype and block size")
+        if why:
+            self._refuse(msg, epoch, why)
+            return False, why
         old = self.instances.get(msg.instance_id)
         if old is not None and epoch < old.epoch:
             return False, "stale epoch: a newer incarnation of this instance is registered"
         self.instances[msg.instance_id] = Instance(
             msg.instance_id, msg.role, msg.address, epoch, msg.model, msg.block_size,
             msg.num_blocks, msg.max_model_len, msg.fingerprint, time.monotonic())
+        self.refused.pop(msg.instance_id, None)
         return True, ""
+
+    def _refuse(self, msg: Register, epoch: int, why: str) -> None:
+        # An unregistered instance retries every heartbeat: log a refusal once, count the rest.
+        old = self.refused.get(msg.instance_id)
+        if old is not None and old.reason == why and old.epoch == epoch:
+            old.attempts += 1
+            old.last_seen = time.monotonic()
+            return
+        log.warning("refused instance %s (%s at %s): %s", msg.instance_id, msg.role,
+                    msg.address, why)
+        self.refused.pop(msg.instance_id, None)
+        while len(self.refused) >= MAX_REFUSALS:       # bounded, whoever sends Registers
+            del self.refused[next(iter(self.refused))]
+        self.refused[msg.instance_id] = Refusal(msg.instance_id, msg.role, msg.address,
+                                                msg.model, why, epoch)
 
     def heartbeat(self, instance_id: str, epoch: int, load: dict) -> bool:
         """Record a heartbeat; False if this incarnation is not registered (re-register)."""
@@ -95,6 +147,9 @@ class Registry:
         now = time.monotonic()
         dead = [i for i in self.instances.values()
                 if i.healthy and now - i.last_seen > self.timeout]
+        # A refused instance retries every heartbeat; one that stopped trying is gone.
+        for gone in [k for k, r in self.refused.items() if now - r.last_seen > self.timeout]:
+            del self.refused[gone]
         for inst in dead:
             inst.healthy = False
         return dead

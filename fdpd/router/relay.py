@@ -155,7 +155,7 @@ class Relay:
         m.e2e.observe(time.monotonic() - self.arrival)
         m.prompt_tokens.inc(self.num_prompt_tokens)
         m.cached_prompt_tokens.inc(self.num_cached_tokens)
-        m.request_success.inc(finished_reason=reason)
+        m.request_success.labels(finished_reason=reason).inc()
 
     def _record_timeline(self, status: str, detail: str | None) -> None:
         """The request's timeline (see ``fdpd.router.timeline``): histogram, log, buffer."""

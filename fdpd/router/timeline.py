@@ -39,7 +39,8 @@ import logging
 import threading
 from collections import OrderedDict
 
-from fdpd.metrics import Registry
+from prometheus_client import CollectorRegistry, Histogram
+
 from fdpd.pd.instance_metrics import PHASE_BUCKETS
 
 PHASES = ("router_queue", "prefill_queue", "prefill", "grant_wait", "kv_transfer",
@@ -48,18 +49,18 @@ request_log = logging.getLogger("fdpd.requests")
 
 
 class RequestTimelines:
-    def __init__(self, registry: Registry, capacity: int = 1000):
+    def __init__(self, registry: CollectorRegistry, capacity: int = 1000):
         self.capacity = capacity
-        self.phase = registry.histogram(
+        self.phase = Histogram(
             "fdpd:request_phase_seconds",
             "Seconds requests spent in each phase: " + ", ".join(PHASES) + ".",
-            ("phase",), buckets=PHASE_BUCKETS)
+            ("phase",), buckets=PHASE_BUCKETS, registry=registry)
         self._recent: OrderedDict[str, dict] = OrderedDict()
         self._lock = threading.Lock()
 
     def record(self, entry: dict) -> None:
         for phase, seconds in entry["phases"].items():
-            self.phase.observe(seconds, phase=phase)
+            self.phase.labels(phase=phase).observe(seconds)
         with self._lock:
             self._recent[entry["request_id"]] = entry
             self._recent.move_to_end(entry["request_id"])

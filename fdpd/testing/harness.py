@@ -54,8 +54,10 @@ class Cluster:
                  log_dir: str | os.PathLike | None = None, heartbeat_interval: float = 0.2,
                  env: Mapping[str, str] | None = None, startup_timeout: float = 60.0,
                  check_quiescent: bool = True, quiescent_timeout: float = 15.0,
-                 stop_timeout: float = 10.0):
+                 stop_timeout: float = 10.0, router_has_model: bool = True):
         self.model = model
+        # False: the router gets no --model and takes the model of the first instance.
+        self.router_has_model = router_has_model
         self.heartbeat_interval = heartbeat_interval
         self.check_quiescent = check_quiescent
         self.startup_timeout = startup_timeout
@@ -141,8 +143,9 @@ class Cluster:
 
     def _start_router(self) -> None:
         self.http_port, self.control_port = free_port(), free_port()
+        model = ["--model", self.model] if self.router_has_model else []
         args = ["--host", HOST, "--port", str(self.http_port), "--control-port",
-                str(self.control_port), "--model", self.model, "--heartbeat-interval",
+                str(self.control_port), *model, "--heartbeat-interval",
                 str(self.heartbeat_interval), *self._common, *self._router_args]
         self.router = ClusterProcess("router", "router", launch_command("router", args),
                                      self.log_dir / "router.log", self._env)

@@ -112,13 +112,15 @@ def test_a_paused_router_does_not_declare_its_instances_dead():
     import asyncio
 
     from fdpd.config import PDConfig
+    from fdpd.model.tiny import TINY_CONFIG
     from fdpd.pd.protocol import Register
     from fdpd.router.core import RouterCore
 
     core = RouterCore(model_name="tiny", tokenizer=None, chat_template=None,
                       max_model_len=128, pd=PDConfig(heartbeat_interval=0.05))
     timeout = core.registry.timeout                       # 2 s
-    reg = Register("decode-0", "decode", "tcp://127.0.0.1:1", "tiny", 16, 64, 128)
+    reg = Register("decode-0", "decode", "tcp://127.0.0.1:1", "tiny", 16, 64, 128,
+                   TINY_CONFIG.fingerprint("float32", 16), "float32", "tiny")
     assert core.registry.register(reg, epoch=1) == (True, "")
     inst = core.registry.get("decode-0")
 

@@ -217,6 +217,20 @@ def test_grafana_dashboard_uses_only_existing_metrics(traffic):
     used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs
             for m in re.findall(r"fdpd:[a-z0-9_]+", e)}
     assert used - exposed == set(), sorted(used - exposed)
+    # Every label a panel groups by is on that metric's series (prometheus-client writes
+    # the labels; a renamed one would leave the panel empty).
+    labels: dict[str, set[str]] = defaultdict(set)
+    for peaks in (traffic["router"], *traffic["instances"].values()):
+        for name, _, series in peaks:
+            labels[name] |= set(re.findall(r'(\w+)="', series))
+    missing = []
+    for e in exprs:
+        for grouping in re.findall(r"by \(([^)]*)\)", e):
+            (metric,) = {re.sub(r"_(bucket|sum|count)$", "", m)
+                         for m in re.findall(r"fdpd:[a-z0-9_]+", e)}
+            missing += [(metric, g.strip()) for g in grouping.split(",")
+                        if g.strip() not in labels[metric] | {"instance"}]
+    assert not missing, missing
 
 
 def test_timelines_of_preempted_requests(cluster, traffic):

@@ -12,6 +12,8 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from prometheus_client.core import GaugeMetricFamily
+
 from fdpd.model.tokenizer import ByteTokenizer, Tokenizer
 from fdpd.router.core import RouterError, StreamBroken, TokenDelta
 from fdpd.sampling_params import SamplingParams
@@ -111,9 +113,8 @@ class ScriptedCore:
     def cluster(self) -> dict:
         return {"router": {"inflight": 0}, "instances": [{"instance_id": "fake", "role": "mixed"}]}
 
-    def metrics(self) -> str:
-        return "# HELP fdpd:fake_core_up 1 if the fake core is up.\n" \
-               "# TYPE fdpd:fake_core_up gauge\nfdpd:fake_core_up 1\n"
+    def metrics_collector(self) -> _UpCollector:
+        return _UpCollector()
 
     def healthy(self) -> tuple[bool, str]:
         return self.health
@@ -181,8 +182,15 @@ class EngineCore:
     def cluster(self) -> dict:
         return {"instances": []}
 
-    def metrics(self) -> str:
-        return ""
+    def metrics_collector(self) -> _UpCollector:
+        return _UpCollector()
 
     def healthy(self) -> tuple[bool, str]:
         return True, ""
+
+
+class _UpCollector:
+    """The core's share of ``/metrics`` (the real core's is the cluster view)."""
+
+    def collect(self):
+        return [GaugeMetricFamily("fdpd:fake_core_up", "1 if the fake core is up.", value=1)]

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry, generate_latest
 
 from fdpd.engine.block_manager import BlockManager
 from fdpd.engine.request import Request
 from fdpd.engine.scheduler import Scheduler
 from fdpd.logs import JsonFormatter, TextFormatter, configure_logging
-from fdpd.metrics import Registry
-from fdpd.pd.load_metrics import render_loads
+from fdpd.pd.instance_metrics import InstanceMetrics
+from fdpd.pd.load_metrics import load_families
 from fdpd.router.app import create_app
 from fdpd.router.core import Route, RouterError, TokenDelta
 from fdpd.router.relay import _bound_transfer_estimate
@@ -123,26 +124,35 @@ def test_load_report_as_metrics():
               "kv_store": {"lookup_hit_blocks": 3, "lookup_miss_blocks": 1, "errors": 0,
                            "bytes_written": 10, "write_seconds": {"count": 2, "sum": 0.5,
                                                                   "p50": 0.2, "p99": 0.3}}}
-    reg = Registry()
-    render_loads(reg, [({"instance": "p", "role": "prefill"}, prefill),
-                       ({"instance": "d", "role": "decode"}, decode)], ("instance", "role"),
-                 summaries=True)
-    text = reg.render()
+    reg = CollectorRegistry()
+    reg.register(_Families(load_families([({"instance": "p", "role": "prefill"}, prefill),
+                                          ({"instance": "d", "role": "decode"}, decode)],
+                                         ("instance", "role"), summaries=True)))
+    text = generate_latest(reg).decode()
     assert 'fdpd:num_requests_running{instance="p",role="prefill"} 1.0' in text
-    assert 'fdpd:kv_transfer_bytes_total{instance="p",role="prefill",direction="sent"} 100.0' \
+    # prometheus_client writes a series' labels in name order.
+    assert 'fdpd:kv_transfer_bytes_total{direction="sent",instance="p",role="prefill"} 100.0' \
         in text
-    assert 'fdpd:kv_transfer_bytes_total{instance="d",role="decode",direction="received"} ' \
+    assert 'fdpd:kv_transfer_bytes_total{direction="received",instance="d",role="decode"} ' \
         '100.0' in text
-    assert 'fdpd:grants_total{instance="d",role="decode",result="rejected"} 3.0' in text
+    assert 'fdpd:grants_total{instance="d",result="rejected",role="decode"} 3.0' in text
     assert 'fdpd:kv_store_misses_total{instance="d",role="decode"} 1.0' in text
-    assert 'fdpd:kv_store_write_seconds{instance="d",role="decode",quantile="0.99"} 0.3' in text
+    assert 'fdpd:kv_store_write_seconds{instance="d",quantile="0.99",role="decode"} 0.3' in text
     assert 'fdpd:kv_store_write_seconds_count{instance="d",role="decode"} 2.0' in text
     assert "grants_total{instance=\"p\"" not in text       # a prefill has no ledger
     assert "# TYPE fdpd:kv_store_write_seconds summary" in text
     # An instance's own endpoint: the same table, no labels.
-    own = Registry()
-    render_loads(own, [({}, decode)])
+    own = InstanceMetrics(lambda: decode)
     assert 'fdpd:grants_total{result="granted"} 5.0' in own.render()
+    assert "fdpd:kv_store_write_seconds_bucket" in own.render()      # its own histogram
+
+
+class _Families:
+    def __init__(self, families):
+        self.families = families
+
+    def collect(self):
+        return self.families
 
 
 def test_log_formats():
