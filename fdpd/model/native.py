@@ -5,6 +5,8 @@ straight through the block table, instead of gathering the context into a dense 
 It is built with ``torch.utils.cpp_extension`` (gcc + ninja) into torch's extension cache
 (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), once per machine: the first
 process pays the compile (a minute on a 2-core VM), later ones load the cached library.
+It is compiled for this CPU (``-march=native``); an image built on one machine and run on others
+sets ``FDPD_NATIVE_MARCH`` (e.g. ``x86-64-v3``: AVX2 + FMA), as deploy/Dockerfile does.
 ``scripts/setup`` builds it ahead (``python -m fdpd.model.native``), so that no server start or
 test waits for a compiler.
 
@@ -37,7 +39,8 @@ def load() -> str | None:
 
         cpp_extension.load(
             name="fdpd_native", sources=[str(s) for s in SOURCES], is_python_module=False,
-            extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False)
+            extra_cflags=["-O3", f"-march={os.environ.get('FDPD_NATIVE_MARCH', 'native')}",
+                          "-fopenmp"], verbose=False)
     except Exception as e:   # compiler, ninja or loader missing: fall back, say why
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ''}"
         log.warning("native kernels unavailable, using plain torch attention (%s)", reason)
