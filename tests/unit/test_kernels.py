@@ -1,0 +1,91 @@
+"""The engine's fast kernel paths against its plain-torch reference path.
+
+- prepacked oneDNN linears (``fdpd.model.kernels``), float32 and bf16-via-float32;
+- the native paged decode attention (``fdpd.model.native``) against gather + SDPA.
+
+The exactness suite (test_engine_exactness.py) runs on the default (fast) paths against the dense
+reference; here the fast and plain paths must give the same greedy tokens on a batch that
+preempts, chunks and hits the prefix cache.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fdpd import LLM
+from fdpd.config import ConfigError, EngineConfig
+from fdpd.model import native
+from fdpd.model.kernels import PackedLinear, resolve_kernels
+from tests.model_factory import make_checkpoint
+from tests.unit.test_engine_exactness import ENGINE_ARGS, GREEDY, mixed_prompts, run_batch
+
+
+def test_native_kernels_build_here():
+    # CI's machine has a compiler: a silent fallback would hide a slower engine.
+    assert native.load() is None
+
+
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim,block_size", [
+    (4, 2, 64, 16), (8, 1, 32, 8), (2, 2, 128, 16), (6, 3, 16, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_attention_equals_gathered_sdpa(q_heads, kv_heads, head_dim, block_size,
+                                                     dtype):
+    torch.manual_seed(0)
+    blocks, layers, batch, width = 64, 3, 7, 9
+    cache = torch.randn(blocks, layers, 2, block_size, kv_heads, head_dim).to(dtype)
+    layer = cache[:, 1]                                   # strided, as the runner passes it
+    table = torch.stack([torch.randperm(blocks)[:width] for _ in range(batch)])
+    lens = torch.tensor([1, 2, block_size, block_size + 1, width * block_size, 17, 30])
+    q = torch.randn(batch, q_heads, head_dim).to(dtype)
+    scale = head_dim ** -0.5
+    keys = layer[:, 0].index_select(0, table.flatten()).view(batch, -1, kv_heads, head_dim)
+    values = layer[:, 1].index_select(0, table.flatten()).view(batch, -1, kv_heads, head_dim)
+    mask = (torch.arange(width * block_size)[None, :] < lens[:, None])[:, None, None, :]
+    expected = F.scaled_dot_product_attention(
+        q.float().unsqueeze(2), keys.float().transpose(1, 2), values.float().transpose(1, 2),
+        attn_mask=mask, scale=scale, enable_gqa=True).squeeze(2)
+    out = torch.empty_like(q)
+    native.paged_decode_attention(out, q, layer, table, lens, scale)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (out.float() - expected).abs().max().item() < tol
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("emulate", [False, True])
+def test_packed_linear_equals_f_linear(bias, emulate):
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if emulate else torch.float32
+    layer = torch.nn.Linear(96, 200, bias=bias).to(dtype)
+    packed = PackedLinear(layer, emulate_bf16=emulate)
+    x = torch.randn(5, 3, 96).to(dtype)
+    with torch.inference_mode():
+        got, want = packed(x), F.linear(x.float(), layer.weight.float(),
+                                       None if layer.bias is None else layer.bias.float())
+    assert got.dtype == dtype and got.shape == (5, 3, 200)
+    assert (got.float() - want).abs().max().item() < (1e-4 if not emulate else 0.1)
+
+
+@pytest.mark.parametrize("case", [{"arch": "llama"}, {"arch": "qwen2", "tie": True}])
+def test_fast_and_plain_kernels_give_the_same_tokens(tmp_path, case):
+    path = make_checkpoint(tmp_path, **case)
+    outs = {}
+    for kernels in ("auto", "torch"):
+        llm = LLM(str(path), kernels=kernels, **ENGINE_ARGS)
+        assert (llm.engine.loaded.kernels == "onednn") == (kernels == "auto")
+        assert llm.engine.runner.native_attention == (kernels == "auto")
+        prompts = mixed_prompts(llm.engine.model_config.vocab_size, seed=2)
+        outs[kernels] = [o.outputs[0].token_ids for o in run_batch(llm, prompts, GREEDY)]
+        assert llm.engine.scheduler.num_preemptions > 0
+    assert outs["auto"] == outs["torch"]
+
+
+def test_kernel_choice_is_checked():
+    with pytest.raises(ConfigError, match="kernels"):
+        EngineConfig(kernels="mkl")
+    with pytest.raises(ValueError, match="onednn cannot run here"):
+        resolve_kernels("onednn", torch.device("meta"), torch.float32)
+    assert resolve_kernels("auto", torch.device("cpu"), torch.float16) == "torch"
+    assert resolve_kernels("auto", torch.device("cpu"), torch.bfloat16) == "onednn"
