@@ -107,7 +107,8 @@ def load_frontend_model(model: str, max_model_len: int | None) -> FrontendModel:
 
 def run_router(model: str, pd: PDConfig, host: str, port: int, control_port: int | None,
                api_key: str | None, max_model_len: int | None = None,
-               advertise_host: str | None = None) -> None:
+               advertise_host: str | None = None,
+               served_model_names: Sequence[str] = ()) -> None:
     import asyncio
 
     import uvicorn
@@ -120,7 +121,7 @@ def run_router(model: str, pd: PDConfig, host: str, port: int, control_port: int
     core = RouterCore(model_name=front.name, tokenizer=front.tokenizer,
                       chat_template=front.chat_template, max_model_len=front.max_model_len,
                       pd=pd, control_address=control, advertise_host=advertise_host)
-    app = create_app(core, api_key=api_key)
+    app = create_app(core, api_key=api_key, served_model_names=served_model_names)
     # uvicorn re-raises the signal that stopped it once it has shut down; with the default
     # handler that kills the process before ``core.stop()`` runs (exit -15, not 0).
     _stop_on_signals()

@@ -23,8 +23,8 @@ class MarkupByteTokenizer(ByteTokenizer):
     """A ``ByteTokenizer`` that reads ``<bos>``/``<eos>`` in text as the special ids, as Hugging
     Face tokenizers do with added tokens that chat templates write."""
 
-    def encode(self, text: str) -> list[int]:
-        ids = [self.BOS]
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [self.BOS] if add_special_tokens else []
         for part in re.split(r"(<bos>|<eos>)", text):
             if part in ("<bos>", "<eos>"):
                 ids.append(self.BOS if part == "<bos>" else self.EOS)
