@@ -140,7 +140,11 @@ def sampling_params(build: Any, *args: Any, rename: dict[str, str] | None = None
     try:
         params = build(*args)
     except SamplingParamsError as exc:
-        raise bad_request(str(exc), rename.get(exc.field, exc.field)) from None
+        param = rename.get(exc.field, exc.field)
+        message = str(exc)
+        if param != exc.field and message.startswith(f"{exc.field}: "):
+            message = f"{param}: {message[len(exc.field) + 2:]}"
+        raise bad_request(message, param) from None
     # What SamplingParams accepts but the wire cannot carry: huge ints, lone surrogates.
     for name, value in params.to_dict().items():
         param = rename.get(name, name)
