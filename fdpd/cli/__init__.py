@@ -81,10 +81,12 @@ def generate(prompts, max_tokens, temperature, as_json, **engine_args):
                        f"{out.finish_reason})")
 
 
-def _served_names(values: tuple[str, ...]) -> tuple[str, ...]:
-    names = tuple(n.strip() for v in values for n in v.split(","))
+def _served_names(value: str | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    names = tuple(n.strip() for n in value.split(","))
     if any(not n for n in names):
-        raise click.BadParameter(f"empty name in {', '.join(values)!r}",
+        raise click.BadParameter(f"an empty name in {value!r}; give NAME[,NAME...]",
                                  param_hint="--served-model-name")
     return tuple(dict.fromkeys(names))
 
@@ -109,15 +111,15 @@ def _configs(values: dict) -> tuple[EngineConfig, PDConfig, InstanceConfig]:
               "(default: --port + 1).")
 @click.option("--api-key", default=None, envvar="FDPD_API_KEY", show_envvar=True,
               help="Router only: require 'Authorization: Bearer KEY' on /v1/*.")
-@click.option("--served-model-name", "served_model_names", multiple=True,
-              envvar="FDPD_SERVED_MODEL_NAME", show_envvar=True,
-              help="Router only: a name clients use for the model (repeat the flag, or "
-              "separate with commas, for several; responses name the one asked for, the "
-              "first by default). Default: the --model value.")
+@click.option("--served-model-name", default=None, envvar="FDPD_SERVED_MODEL_NAME",
+              show_envvar=True, metavar="NAME[,NAME...]",
+              help="Router only: the name(s) clients use for the model, comma-separated; "
+              "responses name the one asked for, the first by default. Default: the --model "
+              "value.")
 @click.option("--torch-threads", default=1, envvar="FDPD_TORCH_THREADS", show_envvar=True,
               help="Torch intra-op threads of an engine process.")
 @log_options
-def launch(control_port, api_key, served_model_names, torch_threads, log_level, log_format,
+def launch(control_port, api_key, served_model_name, torch_threads, log_level, log_format,
            config_file, **values):
     """Run one process of a cluster: --role router | prefill | decode | mixed.
 
@@ -133,7 +135,7 @@ def launch(control_port, api_key, served_model_names, torch_threads, log_level, 
         try:
             launcher.run_router(engine.model, pd, inst.host, port, control_port, api_key,
                                 engine.max_model_len, advertise_host=inst.advertise_host,
-                                served_model_names=_served_names(served_model_names))
+                                served_model_names=_served_names(served_model_name))
         except ValueError as e:
             raise click.ClickException(str(e)) from None
         return

@@ -99,7 +99,8 @@ class ChatFormat:
         if self.return_token_ids:
             choice["token_ids"] = piece.token_ids
         chunk = self._envelope("chat.completion.chunk", [choice])
-        prompt_logprobs = self._prompt_logprobs(piece.prompt_logprobs)
+        # Top level, once per response (choice 0's; every choice shares the prompt).
+        prompt_logprobs = self._prompt_logprobs(piece.prompt_logprobs) if index == 0 else None
         if prompt_logprobs is not None:
             chunk["prompt_logprobs"] = prompt_logprobs
         return chunk

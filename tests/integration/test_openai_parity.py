@@ -193,7 +193,7 @@ def test_echo_with_output_and_prompt_logprobs_extension(cluster, reference):
 
 
 def test_n_with_a_seed_repeats_choice_by_choice(cluster, sdk, offline):
-    prompt = TOKENIZER.encode(PROMPT)
+    prompt = TOKENIZER.encode(PROMPT * 3)                  # 94 tokens: 5 full blocks
     body = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "n": 3, "seed": 1234,
             "temperature": 1.0, "extra_body": {"ignore_eos": True, "return_token_ids": True}}
     first, again = sdk.completions.create(**body), sdk.completions.create(**body)
@@ -205,6 +205,11 @@ def test_n_with_a_seed_repeats_choice_by_choice(cluster, sdk, offline):
     assert got == [c.token_ids for c in want.outputs]
     assert len({tuple(ids) for ids in got}) > 1
     assert first.usage.completion_tokens == 24 and first.usage.prompt_tokens == len(prompt)
+    # The prompt was computed once: choices 1 and 2 found its full blocks cached.
+    recent = cluster.client().get("/v1/requests/recent", params={"limit": 6}).json()["data"]
+    cached = {e["request_id"][-2:]: e["cached_tokens"] for e in recent
+              if e["request_id"].startswith(first.id)}
+    assert cached["-1"] >= 80 and cached["-2"] >= 80, cached
 
     # Streamed: every choice's pieces, by index, are the same tokens.
     events = stream_events(cluster, "/v1/completions", {

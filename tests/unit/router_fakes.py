@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fdpd.model.tokenizer import ByteTokenizer, Tokenizer
+from fdpd.outputs import logprobs_to_wire
 from fdpd.router.core import RouterError, StreamBroken, TokenDelta
 from fdpd.sampling_params import SamplingParams
 
@@ -170,9 +171,11 @@ class EngineCore:
         for out in self.engine.step():
             queue = self._queues.get(out.request_id)
             if queue is not None:
-                queue.put_nowait(TokenDelta(out.new_token_ids, out.new_logprobs, out.finished,
-                                            out.finish_reason, out.stop_reason,
-                                            out.num_prompt_tokens, out.num_cached_tokens))
+                queue.put_nowait(TokenDelta(
+                    out.new_token_ids, out.new_logprobs, out.finished, out.finish_reason,
+                    out.stop_reason, out.num_prompt_tokens, out.num_cached_tokens,
+                    token_logprobs=logprobs_to_wire(out.new_token_logprobs),
+                    prompt_logprobs=logprobs_to_wire(out.prompt_logprobs)))
 
     async def abort(self, request_id: str, reason: str) -> None:
         self.aborts.append((request_id, reason))
