@@ -33,9 +33,12 @@ def token_logprobs(logits: torch.Tensor, token_ids: Sequence[int],
     chosen = logp.gather(1, chosen_ids.unsqueeze(1))
     ranks = (logp > chosen).sum(dim=-1) + 1
     k = max(num_top)
-    top_values, top_ids = (logp.topk(k, dim=-1) if k else (logp[:, :0], chosen_ids[:0]))
     chosen_l, ranks_l = chosen.squeeze(1).tolist(), ranks.tolist()
-    ids_l, values_l = top_ids.tolist(), top_values.tolist()
+    if k:
+        top_values, top_ids = logp.topk(k, dim=-1)
+        ids_l, values_l = top_ids.tolist(), top_values.tolist()
+    else:
+        ids_l = values_l = [[] for _ in range(rows)]
     return [TokenLogprobs(int(token_ids[i]), chosen_l[i], ranks_l[i],
                           tuple(ids_l[i][:num_top[i]]), tuple(values_l[i][:num_top[i]]))
             for i in range(rows)]

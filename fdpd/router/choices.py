@@ -58,8 +58,14 @@ class Choices:
         """Raises what a relay raises (``RouterError``/``StreamBroken``); the other choices
         are then ended too."""
         if self.n == 1:
-            async for piece in self.relays[0].pieces():
-                yield 0, piece
+            pieces = self.relays[0].pieces()
+            try:
+                async for piece in pieces:
+                    yield 0, piece
+            finally:
+                # Closing this generator must close the relay's now (its abort), not at GC.
+                with anyio.CancelScope(shield=True):
+                    await pieces.aclose()
             return
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.ensure_future(self._pump(0, queue))]

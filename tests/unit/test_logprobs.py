@@ -126,6 +126,19 @@ def test_n_samples_are_seeded_choice_by_choice(llm):
         assert alone.outputs[0].token_ids == choice.token_ids
 
 
+def test_no_alternatives_asked(llm, reference):
+    # k = 0 alone in its batch: the chosen tokens' entries, with empty top lists.
+    prompt = [5, 6, 7, 8]
+    out = llm.generate(prompt, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True,
+                                              logprobs=0, prompt_logprobs=0))[0]
+    tokens = out.outputs[0].token_ids
+    ref_logp = torch.log_softmax(reference.logits(prompt + tokens), dim=-1)
+    for i, entry in enumerate(out.outputs[0].token_logprobs):
+        check_entry(entry, ref_logp[len(prompt) - 1 + i], 0)
+    for j in range(1, len(prompt)):
+        check_entry(out.prompt_logprobs[j], ref_logp[j - 1], 0)
+
+
 def test_engine_refuses_what_it_cannot_do(llm):
     with pytest.raises(RequestError, match="one sample"):
         llm.engine.make_request("x", [1, 2], SamplingParams(n=2))

@@ -4,7 +4,9 @@ ends every other one (each gets an abort, no generator is left open)."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from fdpd.router.app import create_app
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # see test_model.py
 from tests.unit.router_fakes import EngineCore, ScriptedCore
-from tests.unit.test_router_app import assert_error, sse_events
+from tests.unit.test_router_app import _disconnect_midway, assert_error, sse_events
 
 
 @pytest.fixture
@@ -77,6 +79,22 @@ def test_a_broken_choice_ends_every_choice(client, core):
     ids = {call.request_id for call in core.calls}
     assert set(core.closed) == ids                           # no generator left open
     assert {rid for rid, _ in core.aborts} == ids
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_disconnect_aborts_every_choice(core, stream):
+    core.hang_after = 2
+    app = create_app(core)
+
+    def ready(sent: list[dict]) -> bool:      # both choices started and hanging
+        return len(core.calls) == 2 and time.monotonic() - started > 0.05
+
+    started = time.monotonic()
+    asyncio.run(_disconnect_midway(app, "/v1/completions",
+                                   {"prompt": "hi", "n": 2, "stream": stream}, ready))
+    ids = sorted(call.request_id for call in core.calls)
+    assert sorted(core.aborts) == [(rid, "client disconnected") for rid in ids]
+    assert sorted(core.closed) == ids
 
 
 def test_served_names_and_the_model_a_response_names(client):
