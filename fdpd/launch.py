@@ -87,7 +87,8 @@ def run_instance(engine_config: EngineConfig, pd: PDConfig, inst: InstanceConfig
 
 def run_router(model: str | None, pd: PDConfig, host: str, port: int,
                control_port: int | None, api_key: str | None, max_model_len: int | None = None,
-               advertise_host: str | None = None) -> None:
+               advertise_host: str | None = None,
+               served_model_names: Sequence[str] = ()) -> None:
     """``model`` None: serve the model of the first instance that registers
     (``fdpd.router.cluster_model``)."""
     import asyncio
@@ -109,7 +110,7 @@ def run_router(model: str | None, pd: PDConfig, host: str, port: int,
                           chat_template=front.chat_template, max_model_len=front.max_model_len,
                           pd=pd, control_address=control, advertise_host=advertise_host,
                           model_config=front.config)
-    app = create_app(core, api_key=api_key)
+    app = create_app(core, api_key=api_key, served_model_names=served_model_names)
     # uvicorn re-raises the signal that stopped it once it has shut down; with the default
     # handler that kills the process before ``core.stop()`` runs (exit -15, not 0).
     _stop_on_signals()

@@ -8,7 +8,7 @@ from typing import Any, Union
 
 from fdpd.config import EngineConfig
 from fdpd.engine.engine import Engine, RequestError
-from fdpd.engine.request import RequestStatus
+from fdpd.engine.request import Request, RequestStatus
 from fdpd.outputs import CompletionOutput, RequestOutput, TextStream
 from fdpd.sampling_params import SamplingParams
 
@@ -41,21 +41,28 @@ class LLM:
 
         # Validate everything before admitting anything, so a bad prompt in a batch leaves no
         # half-run batch behind.
-        pending = []
+        # n samples of a prompt are n engine requests (choice i seeded seed + i), gathered
+        # into one RequestOutput.
+        pending: list[tuple[Request, RequestOutput]] = []
+        outputs: list[RequestOutput] = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             text, ids = self._tokenize(prompt)
             if p.stop and self.tokenizer is None:
                 raise RequestError("stop", "stop strings need a tokenizer; this model has none")
-            req = self.engine.make_request(f"offline-{next(self._ids)}", ids, p,
-                                           priority[i] if priority else 0)
-            pending.append((req, text))
-        results: dict[str, RequestOutput] = {}
+            result = RequestOutput(f"offline-{next(self._ids)}", text, list(ids), [])
+            for choice in range(p.n):
+                req = self.engine.make_request(f"{result.request_id}/{choice}", ids,
+                                               p.for_choice(choice),
+                                               priority[i] if priority else 0)
+                result.outputs.append(CompletionOutput(choice, "", [], None, None))
+                pending.append((req, result))
+            outputs.append(result)
+        results: dict[str, tuple[RequestOutput, CompletionOutput]] = {}
         streams: dict[str, TextStream] = {}
-        for req, text in pending:
+        for req, result in pending:
             self.engine.scheduler.add(req)
-            results[req.request_id] = RequestOutput(
-                req.request_id, text, list(req.prompt_token_ids),
-                [CompletionOutput(0, "", [], None, None)])
+            index = int(req.request_id.rsplit("/", 1)[1])
+            results[req.request_id] = (result, result.outputs[index])
             streams[req.request_id] = TextStream(self.tokenizer, req.prompt_token_ids,
                                                  req.sampling_params)
         try:
@@ -65,17 +72,24 @@ class LLM:
             for req, _ in pending:
                 self.engine.abort_request(req.request_id)
             raise
-        return [results[req.request_id] for req, _ in pending]
+        for result in outputs:
+            result.finished = all(c.finish_reason is not None for c in result.outputs)
+        return outputs
 
-    def _run(self, results: dict[str, RequestOutput], streams: dict[str, TextStream]) -> None:
+    def _run(self, results: dict[str, tuple[RequestOutput, CompletionOutput]],
+             streams: dict[str, TextStream]) -> None:
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
-                result = results[out.request_id]
-                completion = result.outputs[0]
+                result, completion = results[out.request_id]
                 completion.token_ids.extend(out.new_token_ids)
                 if out.new_logprobs is not None:
                     completion.logprobs = (completion.logprobs or []) + out.new_logprobs
                     completion.cumulative_logprob = sum(completion.logprobs)
+                if out.new_token_logprobs is not None:
+                    completion.token_logprobs = ((completion.token_logprobs or [])
+                                                 + out.new_token_logprobs)
+                if out.prompt_logprobs is not None and result.prompt_logprobs is None:
+                    result.prompt_logprobs = out.prompt_logprobs
                 stream = streams[out.request_id]
                 stream.add(out.new_token_ids, out.finished)
                 finished, reason, stop = out.finished, out.finish_reason, out.stop_reason
@@ -87,7 +101,6 @@ class LLM:
                 completion.text = stream.text
                 result.num_cached_tokens = out.num_cached_tokens
                 if finished:
-                    result.finished = True
                     completion.finish_reason, completion.stop_reason = reason, stop
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:

@@ -18,6 +18,11 @@ from typing import Any
 
 SEED_LIMIT = 2**63
 PENALTY_LIMIT = 2.0
+# The most independent samples one request may ask for (``n``).
+MAX_N = 16
+# The most alternatives per token ``logprobs`` / ``prompt_logprobs`` may ask for (vLLM's default
+# ``max_logprobs``); fdpd.outputs.TokenLogprobs holds the wire to it too.
+MAX_LOGPROBS = 20
 
 
 class SamplingParamsError(ValueError):
@@ -89,9 +94,12 @@ class SamplingParams:
     """How to pick the output tokens of one request (vLLM-compatible field names).
 
     ``top_k`` 0 or -1 disables top-k; ``max_tokens`` None means "up to the context limit"
-    (see :meth:`resolved_max_tokens`); ``logprobs`` None is off, 0 or 1 returns the logprob of the
-    chosen token (top-n alternatives are not supported). ``stop`` is normalised to a tuple of
-    strings and ``stop_token_ids`` to a tuple of ints.
+    (see :meth:`resolved_max_tokens`); ``logprobs`` None is off, k in [0, 20] returns the logprob
+    of the chosen token and of the k most likely ones; ``prompt_logprobs`` likewise for every
+    prompt token (the first has none). ``n`` samples of one prompt are ``n`` requests to an
+    engine, which runs one each: ``LLM.generate`` and the router fan them out, choice i seeded
+    ``seed + i`` (:meth:`for_choice`). ``stop`` is normalised to a tuple of strings and
+    ``stop_token_ids`` to a tuple of ints.
     """
 
     n: int = 1
@@ -109,6 +117,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -126,7 +135,8 @@ class SamplingParams:
             "repetition_penalty": self._check_repetition_penalty(),
             "presence_penalty": self._check_penalty("presence_penalty"),
             "frequency_penalty": self._check_penalty("frequency_penalty"),
-            "logprobs": self._check_logprobs(),
+            "logprobs": self._check_logprobs("logprobs"),
+            "prompt_logprobs": self._check_logprobs("prompt_logprobs"),
             "skip_special_tokens": _flag("skip_special_tokens", self.skip_special_tokens),
             "include_stop_str_in_output": _flag("include_stop_str_in_output",
                                                 self.include_stop_str_in_output),
@@ -142,9 +152,8 @@ class SamplingParams:
         n = _integer("n", self.n)
         if n < 1:
             raise SamplingParamsError("n", f"must be >= 1, got {n}")
-        if n > 1:
-            raise SamplingParamsError("n", f"n > 1 is not supported (got {n}); send one request "
-                                      "per completion")
+        if n > MAX_N:
+            raise SamplingParamsError("n", f"must be <= {MAX_N}, got {n}")
         return n
 
     def _check_temperature(self) -> float:
@@ -208,16 +217,21 @@ class SamplingParams:
             raise SamplingParamsError(name, f"must be in [-2, 2], got {penalty}")
         return penalty
 
-    def _check_logprobs(self) -> int | None:
-        if self.logprobs is None:
+    def _check_logprobs(self, name: str) -> int | None:
+        value = getattr(self, name)
+        if value is None:
             return None
-        logprobs = _integer("logprobs", self.logprobs)
-        if logprobs < 0:
-            raise SamplingParamsError("logprobs", f"must be None, 0 or 1, got {logprobs}")
-        if logprobs > 1:
-            raise SamplingParamsError("logprobs", f"only the chosen token's logprob is supported; "
-                                      f"use 0 or 1, got {logprobs}")
+        logprobs = _integer(name, value)
+        if not 0 <= logprobs <= MAX_LOGPROBS:
+            raise SamplingParamsError(name, f"must be None or in [0, {MAX_LOGPROBS}], got "
+                                      f"{logprobs}")
         return logprobs
+
+    def for_choice(self, index: int) -> SamplingParams:
+        """The params of sample ``index`` of ``n``: one sample, seeded ``seed + index`` (as vLLM
+        seeds its child requests) so a seeded request repeats choice by choice."""
+        seed = None if self.seed is None else (self.seed + index) % SEED_LIMIT
+        return dataclasses.replace(self, n=1, seed=seed)
 
     @property
     def greedy(self) -> bool:

@@ -52,9 +52,10 @@ def entry_points(monkeypatch):
                              "torch_threads": torch_threads}
 
     def run_router(model, pd, host, port, control_port, api_key, max_model_len=None,
-                   advertise_host=None):
+                   advertise_host=None, served_model_names=()):
         calls["router"] = {"model": model, "pd": pd, "port": port,
-                           "control_port": control_port, "api_key": api_key}
+                           "control_port": control_port, "api_key": api_key,
+                           "served_model_names": served_model_names}
 
     def run_cluster(**kwargs):
         calls["cluster"] = kwargs

@@ -82,6 +82,16 @@ def generate(prompts, max_tokens, temperature, as_json, **engine_args):
                        f"{out.finish_reason})")
 
 
+def _served_names(value: str | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    names = tuple(n.strip() for n in value.split(","))
+    if any(not n for n in names):
+        raise click.BadParameter(f"an empty name in {value!r}; give NAME[,NAME...]",
+                                 param_hint="--served-model-name")
+    return tuple(dict.fromkeys(names))
+
+
 def _configs(values: dict) -> tuple[EngineConfig, PDConfig, InstanceConfig]:
     try:
         return (EngineConfig(**pick(EngineConfig, values)), PDConfig(**pick(PDConfig, values)),
@@ -102,10 +112,16 @@ def _configs(values: dict) -> tuple[EngineConfig, PDConfig, InstanceConfig]:
               "(default: --port + 1).")
 @click.option("--api-key", default=None, envvar="FDPD_API_KEY", show_envvar=True,
               help="Router only: require 'Authorization: Bearer KEY' on /v1/*.")
+@click.option("--served-model-name", default=None, envvar="FDPD_SERVED_MODEL_NAME",
+              show_envvar=True, metavar="NAME[,NAME...]",
+              help="Router only: the name(s) clients use for the model, comma-separated; "
+              "responses name the one asked for, the first by default. Default: the --model "
+              "value.")
 @click.option("--torch-threads", default=1, envvar="FDPD_TORCH_THREADS", show_envvar=True,
               help="Torch intra-op threads of an engine process.")
 @log_options
-def launch(control_port, api_key, torch_threads, log_level, log_format, config_file, **values):
+def launch(control_port, api_key, served_model_name, torch_threads, log_level, log_format,
+           config_file, **values):
     """Run one process of a cluster: --role router | prefill | decode | mixed.
 
     Every option also reads its FDPD_* environment variable and a key of the --config YAML
@@ -124,7 +140,8 @@ def launch(control_port, api_key, torch_threads, log_level, log_format, config_f
                 is not ParameterSource.DEFAULT
             launcher.run_router(engine.model if given else None, pd, inst.host, port,
                                 control_port, api_key, engine.max_model_len,
-                                advertise_host=inst.advertise_host)
+                                advertise_host=inst.advertise_host,
+                                served_model_names=_served_names(served_model_name))
         except ValueError as e:
             raise click.ClickException(str(e)) from None
         return

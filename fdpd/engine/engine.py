@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fdpd.config import ConfigError, EngineConfig
+from fdpd.engine import logprobs as logprob_math
 from fdpd.engine.block_manager import BlockManager
 from fdpd.engine.request import Request, RequestStatus
 from fdpd.engine.runner import BatchItem, ModelRunner, kv_block_bytes
@@ -60,6 +61,11 @@ class StepOutput:
     stop_reason: int | str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    # With sampling_params.logprobs: each new token's rank and top alternatives
+    # (fdpd.outputs.TokenLogprobs). With prompt_logprobs: on this engine's first
+    # sample of the request, the prompt's entries (None for its first token).
+    new_token_logprobs: list | None = None
+    prompt_logprobs: list | None = None
 
 
 class Engine:
@@ -181,6 +187,11 @@ class Engine:
         if need > self.block_manager.num_blocks:
             raise RequestError("max_tokens", f"prompt + max_tokens needs {need} KV blocks but "
                                f"the pool has {self.block_manager.num_blocks}")
+        if params.n != 1:
+            raise RequestError("n", f"an engine request is one sample, got n={params.n}; "
+                               "fan out SamplingParams.for_choice(i) for i < n")
+        if params.prompt_logprobs is not None and self.config.cost_model:
+            raise RequestError("prompt_logprobs", "a cost-model engine computes no logits")
         if seed is None:
             seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         req = Request(request_id, tuple(ids[:n - resumed]), params,
@@ -188,6 +199,8 @@ class Engine:
                       eos_token_ids=self.eos_token_ids, priority=priority)
         for token in ids[n - resumed:]:
             req.append_output(token)
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]
         return req
 
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
@@ -221,10 +234,15 @@ class Engine:
             start = req.num_computed_tokens
             done = start + n == req.num_tokens
             items.append(BatchItem(req.all_token_ids[start:start + n], start,
-                                   self.block_manager.owned(req.request_id), done))
+                                   self.block_manager.owned(req.request_id), done,
+                                   req.needs_prompt_logits))
             if done:
                 sampling.append(req)
         logits = self.runner.execute(items)
+        if any(item.all_logits for item in items):
+            logits = logprob_math.split_step_logits(
+                logits, sched.scheduled, [i.all_logits for i in items],
+                [i.needs_logits for i in items], self.model_config.vocab_size)
         for req, n in sched.scheduled:
             self.scheduler.advance(req, n)
         if not sampling:
@@ -232,6 +250,9 @@ class Engine:
         rows = [SamplingRow(r.sampling_params, r.seed, r.num_tokens, r.prompt_token_ids,
                             r.output_token_ids, r.eos_token_ids) for r in sampling]
         sampled = self.sampler.sample(logits, rows)
+        details = logprob_math.sampled_logprobs(
+            logits, sampled.token_ids, [r.sampling_params.logprobs for r in sampling],
+            self.model_config.vocab_size) if sampled.logprobs else [None] * len(sampling)
         outputs = []
         for i, req in enumerate(sampling):
             token = sampled.token_ids[i]
@@ -241,8 +262,17 @@ class Engine:
             outputs.append(StepOutput(
                 req.request_id, [token], None if logprob is None else [logprob], finished,
                 req.status.finish_reason if finished else None, req.stop_reason,
-                req.num_prompt_tokens, req.num_cached_tokens))
+                req.num_prompt_tokens, req.num_cached_tokens,
+                None if details[i] is None else [details[i]], self._take_prompt_logprobs(req)))
         return outputs
+
+    @staticmethod
+    def _take_prompt_logprobs(req: Request) -> list | None:
+        """The request's prompt logprobs, once: with the first token this engine samples."""
+        if req.prompt_logprobs is None or req.prompt_logprobs_sent:
+            return None
+        req.prompt_logprobs_sent = True
+        return list(req.prompt_logprobs)
 
     def check_integrity(self, other_owners: set[str] | frozenset[str] = frozenset()) -> None:
         self.scheduler.check_integrity(other_owners)

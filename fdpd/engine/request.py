@@ -76,6 +76,10 @@ class Request:
     preempted_at: float = 0.0
     restore_started_at: float = 0.0
     pauses: list[tuple[str, float]] = field(default_factory=list)
+    # Asked for prompt_logprobs: the prompt's entries so far (None for the first token, then a
+    # fdpd.outputs.TokenLogprobs each), handed out with this engine's first sample.
+    prompt_logprobs: list | None = None
+    prompt_logprobs_sent: bool = False
     _all_token_ids: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -102,6 +106,13 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Prompt logprobs still to compute: every prompt row must run through the model (no
+        prefix-cache or store hit may skip one) and hand back its logits."""
+        return (self.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < self.num_prompt_tokens)
 
     def append_output(self, token_id: int, logprob: float | None = None) -> None:
         self.output_token_ids.append(token_id)

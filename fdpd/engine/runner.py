@@ -24,12 +24,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BatchItem:
-    """One request's slice of a step: ``token_ids`` at positions ``start..start+len-1``."""
+    """One request's slice of a step: ``token_ids`` at positions ``start..start+len-1``.
+    ``all_logits``: a logits row for every position (prompt logprobs), not just the last."""
 
     token_ids: Sequence[int]
     start: int
     block_ids: Sequence[int]
     needs_logits: bool
+    all_logits: bool = False
 
 
 def kv_block_bytes(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -61,7 +63,8 @@ class ModelRunner:
                  self.kv_cache.numel() * self.kv_cache.element_size() / 2**20)
 
     def execute(self, items: Sequence[BatchItem]) -> torch.Tensor:
-        """Run one step. Returns float32 logits, one row per item with ``needs_logits``."""
+        """Run one step. Returns float32 logits: one row per item with ``needs_logits``, or
+        one per token of an item with ``all_logits``, in item order."""
         input_ids, positions, slots, logit_rows = [], [], [], []
         decodes: list[tuple[int, BatchItem]] = []
         prefills: list[PrefillSpan] = []
@@ -73,7 +76,9 @@ class ModelRunner:
             positions.extend(range(item.start, item.start + n))
             blocks = item.block_ids
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(item.start, item.start + n))
-            if item.needs_logits:
+            if item.all_logits:
+                logit_rows.extend(range(first, first + n))
+            elif item.needs_logits:
                 logit_rows.append(first + n - 1)
             if n == 1:
                 decodes.append((first, item))

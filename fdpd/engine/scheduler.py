@@ -223,9 +223,12 @@ class Scheduler:
         """Give ``req`` its blocks. Returns the tokens to run now (0: it is loading from the
         store), or None if it must wait (blocks, or a store lookup in flight)."""
         bs = self.bm.block_size
-        cached = self.bm.match_prefix(req.block_hashes, req.num_tokens, record=False)
+        # Prompt logprobs need every prompt row computed: no cache hit may skip one.
+        skip_cache = req.needs_prompt_logits
+        cached = ([] if skip_cache
+                  else self.bm.match_prefix(req.block_hashes, req.num_tokens, record=False))
         load = 0
-        if self.preemption.restores:
+        if self.preemption.restores and not skip_cache:
             limit = min((req.num_tokens - 1) // bs, len(req.block_hashes))
             answer = self._lookups.get(req.request_id)
             if answer is not None and answer[0] > len(cached):

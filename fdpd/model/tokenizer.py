@@ -33,8 +33,9 @@ class Tokenizer(ABC):
     chat_template: str | None = None
 
     @abstractmethod
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, with BOS in front when the model expects one."""
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``, with BOS in front when the model expects one (and whatever
+        else the tokenizer adds) unless ``add_special_tokens`` is False."""
 
     @abstractmethod
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -57,8 +58,8 @@ class ByteTokenizer(Tokenizer):
         self.eos_token_ids = (self.EOS,)
         self.all_special_ids = tuple(range(256, vocab_size))
 
-    def encode(self, text: str) -> list[int]:
-        return [self.BOS, *text.encode("utf-8")]
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [self.BOS, *text.encode("utf-8")] if add_special_tokens else list(text.encode())
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         parts: list[str] = []
@@ -124,9 +125,9 @@ class HFTokenizer(Tokenizer):
             token = token.get("content")
         return self._tok.token_to_id(token) if isinstance(token, str) else None
 
-    def encode(self, text: str) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=True).ids
-        if self._prepend_bos:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if self._prepend_bos and add_special_tokens:
             ids = [self.bos_token_id, *ids]
         return ids
 

@@ -173,11 +173,13 @@ class DecodeService(InstanceService):
                                      None if msg.first_logprob is None else [msg.first_logprob],
                                      True, msg.finish_reason, msg.stop_reason,
                                      g.prompt_len - g.msg.num_output_tokens,
-                                     msg.num_cached_tokens, timeline))
+                                     msg.num_cached_tokens, timeline, msg.token_logprobs,
+                                     msg.prompt_logprobs))
             self.send(g.reply_to, TransferResult(g.grant_id, g.req_id, True))
             return
         try:
             req = self.build_request(g.msg)
+            req.prompt_logprobs = None            # the prefill computed (and sent) them
             self.ledger.commit(g.grant_id, msg.num_kv_blocks)
         except (RequestError, ValueError, KeyError) as e:
             self._fail_transfer(g, str(e))
@@ -195,7 +197,8 @@ class DecodeService(InstanceService):
                   msg.num_kv_blocks, extra={"request_id": req.request_id})
         logprobs = req.output_logprobs[:1] or None
         self.send(router, Tokens(req.request_id, [msg.first_token], logprobs, False, None, None,
-                                 req.num_prompt_tokens, req.num_cached_tokens))
+                                 req.num_prompt_tokens, req.num_cached_tokens, None,
+                                 msg.token_logprobs, msg.prompt_logprobs))
 
     def _transfer_seconds(self, g: GrantRecord, upstream: dict, arrived: float) -> float:
         """One-way KV transfer time without comparing clocks: the prefill's send time plus

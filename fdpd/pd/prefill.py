@@ -19,6 +19,7 @@ from fdpd.engine.engine import RequestError, StepOutput
 from fdpd.engine.request import Request
 from fdpd.engine.scheduler import kv_owner
 from fdpd.faults import fault_point
+from fdpd.outputs import logprobs_to_wire
 from fdpd.pd import kv_transfer
 from fdpd.pd.protocol import (
     Abort,
@@ -170,7 +171,9 @@ class PrefillService(InstanceService):
             grant.grant_id, req.request_id, token, logprob, kv_blocks_sent,
             req.num_cached_tokens, finished=out.finish_reason != "prefilled",
             finish_reason=None if out.finish_reason == "prefilled" else out.finish_reason,
-            stop_reason=out.stop_reason, timeline=self._timeline(job, ship_start)))
+            stop_reason=out.stop_reason, timeline=self._timeline(job, ship_start),
+            token_logprobs=logprobs_to_wire(out.new_token_logprobs),
+            prompt_logprobs=logprobs_to_wire(out.prompt_logprobs)))
         self.counters["transfers"] += 1
         log.debug("shipped %s: %d KV blocks to %s", req.request_id, kv_blocks_sent,
                   job.decode_id, extra={"request_id": req.request_id})

@@ -29,6 +29,8 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from fdpd.outputs import TokenLogprobs
+
 # 2: KVBlocks may carry one frame per block (block-major caches send blocks zero-copy); a
 # version-1 peer would refuse those frames on every transfer, so it is refused at the envelope.
 PROTOCOL_VERSION = 2
@@ -246,6 +248,10 @@ class PrefillDone(Message):
     # The prefill's phase durations (its own clock; see Tokens.timeline). Optional: a sender
     # without it is still understood.
     timeline: dict | None = None
+    # As Tokens.token_logprobs / Tokens.prompt_logprobs, for the first token and the prompt
+    # (P computes them; D passes them on to the router with the first token).
+    token_logprobs: list | None = None
+    prompt_logprobs: list | None = None
 
 
 @dataclass
@@ -281,6 +287,11 @@ class Tokens(Message):
     # process's own monotonic clock (clocks of different hosts are never compared):
     # {"phases": {name: seconds}, "prefill_instance": id, "decode_instance": id}.
     timeline: dict | None = None
+    # With sampling logprobs: per token, [logprob, rank, top ids, top logprobs]
+    # (fdpd.engine.logprobs.TokenLogprobs.to_wire). With prompt_logprobs, once, on the first
+    # message: nil for the first prompt token, then one such list per prompt token.
+    token_logprobs: list | None = None
+    prompt_logprobs: list | None = None
 
 
 @dataclass
@@ -347,6 +358,19 @@ def _all_numbers(values: list | None) -> bool:
     return values is None or all(type(v) in (int, float) for v in values)
 
 
+def _logprob_entries(values: list | None, first_may_be_nil: bool = False) -> bool:
+    if values is None:
+        return True
+    for i, value in enumerate(values):
+        if value is None and i == 0 and first_may_be_nil:
+            continue
+        try:
+            TokenLogprobs.from_wire(0, value)
+        except ValueError:
+            return False
+    return True
+
+
 def _is_duration(value: float) -> bool:
     return math.isfinite(value) and value >= 0
 
@@ -373,6 +397,12 @@ _CONTENTS: dict[tuple[str, str], tuple[Any, str]] = {
     ("tokens", "token_ids"): (_all_ints, "a list of integers"),
     ("tokens", "logprobs"): (_all_numbers, "a list of numbers or nil"),
 }
+for _type in ("tokens", "prefill_done"):
+    _CONTENTS[(_type, "token_logprobs")] = (
+        _logprob_entries, "a list of [logprob, rank, ids, logprobs] or nil")
+    _CONTENTS[(_type, "prompt_logprobs")] = (
+        lambda v: _logprob_entries(v, first_may_be_nil=True),
+        "nil, or nil then a list of [logprob, rank, ids, logprobs] per prompt token")
 
 
 # ---------------------------------------------------------------------- the envelope

@@ -29,6 +29,7 @@ from fdpd.pd.protocol import (
     Tokens,
     new_epoch,
 )
+from fdpd.outputs import logprobs_to_wire
 from fdpd.pd.instance_metrics import InstanceMetrics, MetricsServer
 from fdpd.pd.transport import Inbound, Transport
 from fdpd.sampling_params import SamplingParams, SamplingParamsError
@@ -271,7 +272,9 @@ class InstanceService:
     def tokens_message(self, out: StepOutput, timeline: dict | None = None) -> Tokens:
         return Tokens(out.request_id, out.new_token_ids, out.new_logprobs, out.finished,
                       out.finish_reason, out.stop_reason, out.num_prompt_tokens,
-                      out.num_cached_tokens, timeline)
+                      out.num_cached_tokens, timeline,
+                      logprobs_to_wire(out.new_token_logprobs),
+                      logprobs_to_wire(out.prompt_logprobs))
 
     # ------------------------------------------------------------------ streaming tokens
     def stream_outputs(self, outputs: list[StepOutput]) -> None:

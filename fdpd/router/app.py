@@ -1,7 +1,8 @@
 """The router's HTTP server: the OpenAI API on top of a :class:`RouterCore`.
 
-Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /v1/models/{model}``, ``GET /v1/cluster``, ``GET /v1/requests/recent`` (``?limit=N``),
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /tokenize``,
+``POST /detokenize`` (``fdpd.router.tokenize``), ``GET /v1/models``, ``GET /v1/models/{model}``,
+``GET /v1/cluster``, ``GET /v1/requests/recent`` (``?limit=N``),
 ``GET /v1/requests/{id}/timeline`` (see ``fdpd.router.timeline``), ``GET /health``,
 ``GET /metrics``. With an API
 key, every ``/v1/*`` path needs ``Authorization: Bearer <key>``; ``/health`` and ``/metrics``
@@ -16,7 +17,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -36,7 +37,9 @@ from fdpd.router.errors import (
     internal_error,
 )
 from fdpd.router.http_metrics import RouterMetrics
-from fdpd.router.openai_api import ChatCompletionRequest, CompletionRequest
+from fdpd.router import tokenize as tokenizing
+from fdpd.router.openai_api import ChatCompletionRequest, CompletionRequest, resolve_model
+from fdpd.router.tokenize import DetokenizeRequest, TokenizeRequest
 
 if TYPE_CHECKING:
     from fdpd.router.core import Admission, RouterCore
@@ -51,15 +54,23 @@ class AppContext:
     core: RouterCore
     metrics: RouterMetrics
     started: int
+    # --served-model-name; empty: the core's model name.
+    served_names: tuple[str, ...] = ()
+
+    @property
+    def served_model_names(self) -> tuple[str, ...]:
+        """The names clients may ask for; responses name the one asked for (else the first)."""
+        return self.served_names or (self.core.model_name,)
 
 
-def create_app(core: RouterCore, *, api_key: str | None = None,
-               start_core: bool = False) -> FastAPI:
+def create_app(core: RouterCore, *, api_key: str | None = None, start_core: bool = False,
+               served_model_names: Sequence[str] = ()) -> FastAPI:
     """The OpenAI-compatible app for ``core``. With ``start_core``, the app's lifespan awaits
     ``core.start()`` / ``core.stop()`` (they must run on the server's event loop)."""
     lifespan = _core_lifespan(core) if start_core else None
     app = FastAPI(title="fdpd router", lifespan=lifespan)
-    ctx = AppContext(core, RouterMetrics(core.metrics_collector()), int(time.time()))
+    ctx = AppContext(core, RouterMetrics(core.metrics_collector()), int(time.time()),
+                     tuple(served_model_names))
     app.state.ctx = ctx
     install_error_handlers(app)
     app.add_exception_handler(_BodyTooLarge, _answer_body_too_large)
@@ -80,16 +91,21 @@ def create_app(core: RouterCore, *, api_key: str | None = None,
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
         return await _guard(lambda: create_chat_completion(request, body, ctx))
 
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        return await _guard_sync(lambda: tokenizing.tokenize(body, ctx))
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        return await _guard_sync(lambda: tokenizing.detokenize(body, ctx))
+
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [_model_card(ctx)]}
+        return {"object": "list", "data": [_model_card(ctx, n) for n in ctx.served_model_names]}
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str) -> dict[str, Any]:
-        if model != core.model_name:
-            raise APIError(404, f"The model `{model}` does not exist; this server serves "
-                           f"`{core.model_name}`", param="model", code="model_not_found")
-        return _model_card(ctx)
+        return _model_card(ctx, resolve_model(model, ctx.served_model_names))
 
     @app.get("/v1/cluster")
     async def cluster() -> JSONResponse:
@@ -128,10 +144,10 @@ def create_app(core: RouterCore, *, api_key: str | None = None,
     return app
 
 
-def _model_card(ctx: AppContext) -> dict[str, Any]:
-    name = ctx.core.model_name
+def _model_card(ctx: AppContext, name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": ctx.started, "owned_by": "fdpd",
-            "root": name, "parent": None, "max_model_len": ctx.core.max_model_len}
+            "root": ctx.core.model_name, "parent": None,
+            "max_model_len": ctx.core.max_model_len}
 
 
 async def _guard(handler: Callable[[], Awaitable[Response]]) -> Response:
@@ -148,6 +164,8 @@ async def _guard(handler: Callable[[], Awaitable[Response]]) -> Response:
 async def _guard_sync(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
+    except APIError:
+        raise
     except Exception:
         log.exception("%s failed", getattr(fn, "__name__", "core call"))
         raise internal_error() from None

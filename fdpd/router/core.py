@@ -42,38 +42,13 @@ from fdpd.pd.transport import Inbound, Transport
 from fdpd.router import policy
 from fdpd.router.cluster_metrics import ClusterCollector
 from fdpd.router.cluster_model import ClusterModel, FrontendModel, given_model
+from fdpd.router.delta import Route, TokenDelta
 from fdpd.router.registry import Instance, Registry
 from fdpd.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 # A request follows at most this many drains (each moves it to another instance).
 MAX_MIGRATIONS = 8
-
-
-@dataclass
-class TokenDelta:
-    token_ids: list[int]
-    logprobs: list[float] | None
-    finished: bool
-    finish_reason: str | None
-    stop_reason: int | str | None
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    # On the last delta only: the instances' timeline (Tokens.timeline) and how the router
-    # placed the request (see Route).
-    timeline: dict | None = None
-    route: Route | None = None
-
-
-@dataclass(frozen=True)
-class Route:
-    """Where the attempt that served a request went, and when it left (router clock)."""
-
-    mode: str                          # pd | mixed
-    prefill: str | None
-    decode: str
-    attempts: int
-    dispatched_at: float
 
 
 class RouterError(Exception):
@@ -430,10 +405,7 @@ class RouterCore:
         if isinstance(msg, Tokens):
             flight = self.inflight.get(msg.req_id)
             if flight is not None:
-                flight.queue.put_nowait(TokenDelta(
-                    list(msg.token_ids), msg.logprobs, msg.finished, msg.finish_reason,
-                    msg.stop_reason, msg.num_prompt_tokens, msg.num_cached_tokens,
-                    msg.timeline))
+                flight.queue.put_nowait(TokenDelta.from_tokens(msg))
         elif isinstance(msg, Heartbeat):
             if not self.registry.heartbeat(env.src, env.epoch, msg.load):
                 # Unknown to this router (it restarted) or marked dead: register again.

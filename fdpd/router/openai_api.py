@@ -2,12 +2,14 @@
 
 Models are strict (a string where a number belongs is a 400, not a silent cast) and ignore
 unknown fields, as vLLM does, so that clients sending newer OpenAI fields keep working. Value
-checks (ranges, limits) live in ``SamplingParams``; here only shape and the features this server
-does not offer (``n > 1``, ``echo``, top-n logprobs...) are rejected.
+checks (ranges, limits) live in ``SamplingParams``; here only shape, combinations of fields
+(``echo`` with ``max_tokens: 0``, ``top_logprobs`` without ``logprobs``) and the features this
+server does not offer (``best_of`` other than ``n``, ``suffix``, ``echo`` on chat) are checked.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -50,16 +52,15 @@ class _GenerationRequest(_Body):
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False
     priority: int = 0
+    prompt_logprobs: int | None = None
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def check_model(self, served: str) -> None:
-        if self.model is not None and self.model != served:
-            raise APIError(404, f"The model `{self.model}` does not exist; this server serves "
-                           f"`{served}` (GET /v1/models lists it)", param="model",
-                           code="model_not_found")
+    def check_model(self, served: Sequence[str]) -> str:
+        """The served name this request is for (the first one when it names none)."""
+        return resolve_model(self.model, served)
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """Raises ``SamplingParamsError`` (naming the field) for out-of-range values."""
@@ -73,9 +74,13 @@ class _GenerationRequest(_Body):
         return SamplingParams(
             n=self.n, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
             max_tokens=max_tokens, min_tokens=self.min_tokens, ignore_eos=self.ignore_eos,
-            logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
+            logprobs=logprobs, prompt_logprobs=self.resolved_prompt_logprobs(),
+            skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             **{k: v for k, v in optional.items() if v is not None})
+
+    def resolved_prompt_logprobs(self) -> int | None:
+        return self.prompt_logprobs
 
 
 class CompletionRequest(_GenerationRequest):
@@ -107,11 +112,30 @@ class CompletionRequest(_GenerationRequest):
         raise bad_request("prompt must be a string, a list of token ids (non-negative "
                           "integers), or a one-element list of either", "prompt")
 
+    @property
+    def echo_only(self) -> bool:
+        """``echo`` with ``max_tokens: 0``: the prompt (and its logprobs) and nothing else, what
+        evaluation harnesses send to score a text. One token is still generated (as in vLLM)
+        and dropped."""
+        return self.echo and self.max_tokens == 0
+
+    def engine_max_tokens(self) -> int | None:
+        if self.max_tokens == 0 and not self.echo:
+            raise bad_request("max_tokens: must be >= 1 (0 only with echo: true, to score the "
+                              "prompt)", "max_tokens")
+        return 1 if self.echo_only else self.max_tokens
+
+    def resolved_prompt_logprobs(self) -> int | None:
+        # As vLLM: echo with logprobs shows the prompt's logprobs, so it computes them.
+        if self.echo and self.logprobs is not None:
+            return max(self.logprobs, self.prompt_logprobs or 0)
+        return self.prompt_logprobs
+
     def check_unsupported(self) -> None:
-        if self.echo:
-            raise bad_request("echo is not supported", "echo")
-        if self.best_of not in (None, 1):
-            raise bad_request(f"best_of > 1 is not supported (got {self.best_of})", "best_of")
+        if self.best_of is not None and self.best_of != self.n:
+            raise bad_request(f"best_of is not supported (got {self.best_of}); only "
+                              f"best_of = n ({self.n}), which returns every sample, or leave "
+                              "it out", "best_of")
         if self.suffix:
             raise bad_request("suffix is not supported", "suffix")
 
@@ -149,6 +173,7 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    echo: bool = False
 
     def resolved_max_tokens(self) -> int | None:
         if self.max_completion_tokens is not None:
@@ -156,14 +181,31 @@ class ChatCompletionRequest(_GenerationRequest):
         return self.max_tokens
 
     def logprobs_setting(self) -> int | None:
-        if self.top_logprobs:
-            raise bad_request(f"top_logprobs > 0 is not supported (got {self.top_logprobs}); "
-                              "only the chosen token's logprob is returned", "top_logprobs")
-        return 0 if self.logprobs else None
+        """The engine's ``logprobs``: None (off) or how many alternatives (top_logprobs)."""
+        if self.top_logprobs and not self.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+        if not self.logprobs:
+            return None
+        return 0 if self.top_logprobs is None else self.top_logprobs
 
     def check_messages(self) -> None:
+        if self.echo:
+            raise bad_request("echo is not supported on chat completions; use "
+                              "/v1/completions with echo: true (or prompt_logprobs here)",
+                              "echo")
         if not self.messages:
             raise bad_request("messages is empty; send at least one message", "messages")
+
+
+def resolve_model(model: str | None, served: Sequence[str]) -> str:
+    """A 404 for a name this router does not serve; else the name (the first one for None)."""
+    if model is None:
+        return served[0]
+    if model not in served:
+        names = ", ".join(f"`{n}`" for n in served)
+        raise APIError(404, f"The model `{model}` does not exist; this server serves {names} "
+                       "(GET /v1/models lists them)", param="model", code="model_not_found")
+    return model
 
 
 def _is_token_id(value: Any) -> bool:

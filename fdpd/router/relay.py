@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from fdpd.outputs import TextStream
-from fdpd.router.core import Route, RouterError, StreamBroken, TokenDelta
+from fdpd.outputs import TextStream, TokenLogprobs, logprobs_from_wire
+from fdpd.router.core import RouterError, StreamBroken
+from fdpd.router.delta import Route, TokenDelta
 from fdpd.router.http_metrics import RouterMetrics
 from fdpd.router.timeline import upstream_phases
 from fdpd.sampling_params import SamplingParams
@@ -39,6 +40,10 @@ class Piece:
     logprobs: list[float] | None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # With logprobs: each token's rank and top alternatives. On the first piece of a request
+    # asking prompt_logprobs: None for the first prompt token, then one entry per prompt token.
+    token_logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -63,6 +68,7 @@ class Relay:
         self._first_token_at: float | None = None
         self._route: Route | None = None
         self._timeline: dict | None = None
+        self._have_prompt_logprobs = False
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.num_prompt_tokens,
@@ -84,6 +90,7 @@ class Relay:
                 self._account(delta)
                 piece = Piece(stream.add(delta.token_ids, delta.finished),
                               list(delta.token_ids), delta.logprobs)
+                self._read_logprobs(delta, piece)
                 if stream.stop_reason is not None:
                     piece.finish_reason, piece.stop_reason = "stop", stream.stop_reason
                     if not delta.finished:
@@ -123,6 +130,17 @@ class Relay:
         with anyio.CancelScope(shield=True):
             await self.core.abort(self.request_id, reason)
             await _close(deltas)
+
+    def _read_logprobs(self, delta: TokenDelta, piece: Piece) -> None:
+        try:
+            piece.token_logprobs = logprobs_from_wire(delta.token_ids, delta.token_logprobs)
+            # A resumed request's later attempts compute them again: the first ones stand.
+            if delta.prompt_logprobs is not None and not self._have_prompt_logprobs:
+                piece.prompt_logprobs = logprobs_from_wire(self.prompt_token_ids,
+                                                           delta.prompt_logprobs)
+                self._have_prompt_logprobs = True
+        except ValueError as exc:
+            raise self._failure(f"an instance sent malformed logprobs: {exc}") from None
 
     def _failure(self, message: str) -> Exception:
         if self.num_output_tokens:

@@ -22,9 +22,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from fdpd.model.tokenizer import Tokenizer
+from fdpd.outputs import TokenLogprobs
+from fdpd.router.choices import Choices
 from fdpd.router.core import RouterError, StreamBroken
 from fdpd.router.errors import DEFAULT_RETRY_AFTER, APIError, bad_request, error_body
-from fdpd.router.relay import Piece, Relay
+from fdpd.router.relay import Piece
 from fdpd.sampling_params import SamplingParams, SamplingParamsError
 
 log = logging.getLogger(__name__)
@@ -48,21 +50,61 @@ class Output:
     logprobs: list[float] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     def add(self, piece: Piece) -> None:
         self.text += piece.text
         self.token_ids.extend(piece.token_ids)
         if piece.logprobs is not None:
             self.logprobs = (self.logprobs or []) + list(piece.logprobs)
+        if piece.token_logprobs is not None:
+            self.token_logprobs = (self.token_logprobs or []) + piece.token_logprobs
+        if piece.prompt_logprobs is not None:
+            self.prompt_logprobs = piece.prompt_logprobs
         if piece.finished:
             self.finish_reason, self.stop_reason = piece.finish_reason, piece.stop_reason
 
 
 class ResponseFormat(Protocol):
+    """How one endpoint shows a request's ``n`` choices (``index``) on the wire."""
+
     def stream_start(self) -> list[dict[str, Any]]: ...
-    def stream_chunk(self, piece: Piece) -> dict[str, Any] | None: ...
+    def stream_chunk(self, index: int, piece: Piece) -> dict[str, Any] | None: ...
     def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]: ...
-    def response(self, output: Output, usage: dict[str, Any]) -> dict[str, Any]: ...
+    def response(self, outputs: list[Output], usage: dict[str, Any]) -> dict[str, Any]: ...
+
+
+def output_logprobs(token_ids: list[int], floats: list[float] | None,
+                    entries: list[TokenLogprobs] | None) -> list[TokenLogprobs] | None:
+    """Each token's logprobs: the instances' entries, or (from an instance that sends only the
+    chosen tokens' values) entries without rank or alternatives."""
+    if entries is not None:
+        return entries
+    if floats is None:
+        return None
+    return [TokenLogprobs(t, lp, 0, (), ()) for t, lp in zip(token_ids, floats)]
+
+
+def prompt_logprob_dicts(prompt_token_ids: list[int], entries: list[TokenLogprobs | None],
+                         k: int, tokenizer: Tokenizer | None) -> list[dict | None]:
+    """vLLM's ``prompt_logprobs``: None for the first token, then per prompt token a map
+    token id -> {logprob, rank, decoded_token}: the token itself first, then the ``k`` most
+    likely ones (rank 1..k)."""
+    out: list[dict | None] = []
+    for token, entry in zip(prompt_token_ids, entries):
+        if entry is None:
+            out.append(None)
+            continue
+        ranked = [(token, entry.logprob, entry.rank)]
+        ranked += [(t, lp, i + 1) for i, (t, lp)
+                   in enumerate(zip(entry.top_ids[:k], entry.top_logprobs[:k]))]
+        step: dict[str, dict] = {}
+        for t, lp, rank in ranked:
+            step.setdefault(str(t), {"logprob": finite_logprob(lp), "rank": rank,
+                                     "decoded_token": token_text(tokenizer, t)})
+        out.append(step)
+    return out
 
 
 # Stands in for -inf/NaN in JSON (which has neither), as vLLM does.
@@ -98,7 +140,11 @@ def sampling_params(build: Any, *args: Any, rename: dict[str, str] | None = None
     try:
         params = build(*args)
     except SamplingParamsError as exc:
-        raise bad_request(str(exc), rename.get(exc.field, exc.field)) from None
+        param = rename.get(exc.field, exc.field)
+        message = str(exc)
+        if param != exc.field and message.startswith(f"{exc.field}: "):
+            message = f"{param}: {message[len(exc.field) + 2:]}"
+        raise bad_request(message, param) from None
     # What SamplingParams accepts but the wire cannot carry: huge ints, lone surrogates.
     for name, value in params.to_dict().items():
         param = rename.get(name, name)
@@ -190,25 +236,29 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
-async def full_response(request: Request, relay: Relay, fmt: ResponseFormat) -> Response:
-    async def collect() -> Output:
-        output = Output()
-        async for piece in relay.pieces():
-            output.add(piece)
-        return output
+async def full_response(request: Request, relay: Choices, fmt: ResponseFormat) -> Response:
+    async def collect() -> list[Output]:
+        outputs = [Output() for _ in range(relay.n)]
+        pieces = relay.pieces()
+        try:
+            async for index, piece in pieces:
+                outputs[index].add(piece)
+        finally:
+            await pieces.aclose()
+        return outputs
 
     try:
-        output = await until_disconnected(request, collect())
+        outputs = await until_disconnected(request, collect())
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
     except RouterError as exc:
         raise router_error(exc) from None
     except StreamBroken as exc:
         raise APIError(502, f"generation failed: {exc.message}", code=502) from None
-    return JSONResponse(fmt.response(output, relay.usage()))
+    return JSONResponse(fmt.response(outputs, relay.usage()))
 
 
-async def streaming_response(request: Request, relay: Relay, fmt: ResponseFormat,
+async def streaming_response(request: Request, relay: Choices, fmt: ResponseFormat,
                              include_usage: bool) -> Response:
     pieces = relay.pieces()
     # Wait for the first piece before committing to a 200, so a request the cluster cannot take
@@ -227,17 +277,18 @@ async def streaming_response(request: Request, relay: Relay, fmt: ResponseFormat
     return EventStreamResponse(_sse(relay, pieces, first, fmt, include_usage))
 
 
-async def _sse(relay: Relay, pieces: AsyncIterator[Piece], first: Piece, fmt: ResponseFormat,
+async def _sse(relay: Choices, pieces: AsyncIterator[tuple[int, Piece]],
+               first: tuple[int, Piece], fmt: ResponseFormat,
                include_usage: bool) -> AsyncIterator[bytes]:
     try:
         for chunk in fmt.stream_start():
             yield sse_event(chunk)
-        piece: Piece | None = first
-        while piece is not None:
-            chunk = fmt.stream_chunk(piece)
+        item: tuple[int, Piece] | None = first
+        while item is not None:
+            chunk = fmt.stream_chunk(*item)
             if chunk is not None:
                 yield sse_event(chunk)
-            piece = None if piece.finished else await pieces.__anext__()
+            item = await anext(pieces, None)
         if include_usage:
             yield sse_event(fmt.usage_chunk(relay.usage()))
     except (StreamBroken, RouterError) as exc:

@@ -485,9 +485,9 @@ BAD_REQUESTS = [
     ("prompt over context", "/v1/completions", {"prompt": [65] * 5000, "max_tokens": 4}, 400),
     ("unknown model", "/v1/completions", {"model": "gpt-9", "prompt": "hi"}, 404),
     ("empty messages", "/v1/chat/completions", {"messages": []}, 400),
-    ("n=2", "/v1/completions", {"prompt": "hi", "n": 2}, 400),
-    ("n=2 chat", "/v1/chat/completions",
-     {"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400),
+    ("n=0", "/v1/completions", {"prompt": "hi", "n": 0}, 400),
+    ("n=17 chat", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "hi"}], "n": 17}, 400),
 ]
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from prometheus_client.core import GaugeMetricFamily
 
 from fdpd.model.tokenizer import ByteTokenizer, Tokenizer
+from fdpd.outputs import logprobs_to_wire
 from fdpd.router.core import RouterError, StreamBroken, TokenDelta
 from fdpd.sampling_params import SamplingParams
 
@@ -25,8 +26,8 @@ class MarkupByteTokenizer(ByteTokenizer):
     """A ``ByteTokenizer`` that reads ``<bos>``/``<eos>`` in text as the special ids, as Hugging
     Face tokenizers do with added tokens that chat templates write."""
 
-    def encode(self, text: str) -> list[int]:
-        ids = [self.BOS]
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [self.BOS] if add_special_tokens else []
         for part in re.split(r"(<bos>|<eos>)", text):
             if part in ("<bos>", "<eos>"):
                 ids.append(self.BOS if part == "<bos>" else self.EOS)
@@ -171,9 +172,11 @@ class EngineCore:
         for out in self.engine.step():
             queue = self._queues.get(out.request_id)
             if queue is not None:
-                queue.put_nowait(TokenDelta(out.new_token_ids, out.new_logprobs, out.finished,
-                                            out.finish_reason, out.stop_reason,
-                                            out.num_prompt_tokens, out.num_cached_tokens))
+                queue.put_nowait(TokenDelta(
+                    out.new_token_ids, out.new_logprobs, out.finished, out.finish_reason,
+                    out.stop_reason, out.num_prompt_tokens, out.num_cached_tokens,
+                    token_logprobs=logprobs_to_wire(out.new_token_logprobs),
+                    prompt_logprobs=logprobs_to_wire(out.prompt_logprobs)))
 
     async def abort(self, request_id: str, reason: str) -> None:
         self.aborts.append((request_id, reason))

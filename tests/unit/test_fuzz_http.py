@@ -147,7 +147,8 @@ SMALL_MAX = st.integers(1, 16)
 TOKEN_IDS = st.lists(st.integers(0, TINY_VOCAB - 1), min_size=1, max_size=40)
 STOP = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=4)
 COMMON = {
-    "model": st.none() | st.just("tiny"), "n": st.just(1),
+    "model": st.none() | st.just("tiny"), "n": st.integers(1, 2),
+    "prompt_logprobs": st.none() | st.sampled_from([0, 1, 20]),
     "temperature": st.none() | st.floats(0, 2), "top_p": st.none() | st.floats(0.01, 1),
     "seed": st.none() | st.integers(0, 2**63 - 1), "stop": st.none() | STOP | st.lists(STOP),
     "presence_penalty": st.none() | st.floats(-2, 2),
@@ -170,8 +171,9 @@ MESSAGE = st.fixed_dictionaries({
     optional={"name": TEXT})
 VALID = {
     "CompletionRequest": {
-        **COMMON, "max_tokens": st.none() | SMALL_MAX, "logprobs": st.sampled_from([None, 0, 1]),
-        "echo": st.just(False), "best_of": st.sampled_from([None, 1]),
+        **COMMON, "max_tokens": st.none() | SMALL_MAX,
+        "logprobs": st.sampled_from([None, 0, 1, 20]), "echo": st.booleans(),
+        "best_of": st.none(),
         "suffix": st.sampled_from([None, ""]),
         "prompt": (st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=40)
                    | TOKEN_IDS | st.lists(TOKEN_IDS, min_size=1, max_size=1)
@@ -180,7 +182,7 @@ VALID = {
     "ChatCompletionRequest": {
         **COMMON, "max_tokens": st.none() | SMALL_MAX,
         "max_completion_tokens": st.none() | SMALL_MAX, "logprobs": st.booleans(),
-        "top_logprobs": st.sampled_from([None, 0]),
+        "top_logprobs": st.sampled_from([None, 0]), "echo": st.just(False),
         "messages": st.lists(MESSAGE, min_size=1, max_size=3)},
 }
 
@@ -246,7 +248,11 @@ def assert_not_5xx_and_well_formed(r, body: Any = None) -> None:
     else:
         answer = r.json()
         assert answer["object"] in ("text_completion", "chat.completion"), answer
-        assert len(answer["choices"]) == 1 and answer["usage"]["total_tokens"] > 0, answer
+        # n choices; a raw body (bytes) may have asked for any n up to 16.
+        n = body.get("n", 1) if isinstance(body, dict) else None
+        choices = len(answer["choices"])
+        assert (choices == n if n is not None else 1 <= choices <= 16), answer
+        assert answer["usage"]["total_tokens"] > 0, answer
 
 
 CORE_NAMES = st.sampled_from(sorted(CORES))

@@ -94,6 +94,11 @@ DURATION_FIELDS = {"timeout_s", "ttl_s", "retry_after"}
 INT_LIST_FIELDS = {("grant", "block_ids"), ("kv_blocks", "shape"), ("tokens", "token_ids"),
                    ("submit", "prompt_token_ids"), ("alloc_request", "prompt_token_ids")}
 PLAIN = SCALARS.filter(lambda v: v == v)          # no NaN: it is never equal to itself
+# One token's logprobs on the wire: [logprob, rank >= 1, k ids >= 0, k logprobs], k <= 20.
+LOGPROB_ENTRY = st.integers(0, 20).flatmap(lambda k: st.tuples(
+    NUMBERS, st.integers(1, 2**63 - 1), st.lists(st.integers(0, 2**63 - 1), min_size=k,
+                                                 max_size=k),
+    st.lists(NUMBERS, min_size=k, max_size=k)).map(list))
 BY_ANNOTATION: dict[str, st.SearchStrategy] = {
     "str": TEXT, "int": INT64, "float": NUMBERS, "bool": st.booleans(), "None": st.none(),
     "bytes": st.binary(max_size=16), "list": st.lists(PLAIN, max_size=6),
@@ -113,6 +118,10 @@ def field_values(cls: type[Message], f: dataclasses.Field) -> st.SearchStrategy:
         return st.lists(INT64, max_size=8)
     if f.name == "logprobs":
         return st.none() | st.lists(NUMBERS, max_size=8)
+    if f.name == "token_logprobs":
+        return st.none() | st.lists(LOGPROB_ENTRY, max_size=4)
+    if f.name == "prompt_logprobs":
+        return st.none() | st.lists(LOGPROB_ENTRY, max_size=4).map(lambda rest: [None, *rest])
     if f.name == "load":
         return st.dictionaries(TEXT.filter(lambda k: k != "address"), PLAIN,
                                max_size=4) | st.builds(lambda a: {"address": a}, ENDPOINTS)

@@ -144,7 +144,8 @@ def test_completion_logprobs(client, core):
     core.logprob = float("-inf")                # JSON has no -inf: clamped, never a 500
     r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "logprobs": 0})
     lp = r.json()["choices"][0]["logprobs"]
-    assert lp["token_logprobs"] == [-9999.0] and lp["top_logprobs"] is None
+    # vLLM's shape: logprobs 0 still maps the chosen token in top_logprobs.
+    assert lp["token_logprobs"] == [-9999.0] and lp["top_logprobs"] == [{"H": -9999.0}]
 
 
 # ------------------------------------------------------------------------------ stop strings
@@ -265,10 +266,15 @@ def test_chat_jinja_template(core):
     ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
     ("/v1/completions", {"prompt": [[1], [2]]}, 400, "prompt"),
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
-    ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n"),
+    ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n"),
+    ("/v1/completions", {"prompt": "hi", "n": 17}, 400, "n"),
+    ("/v1/completions", {"prompt": "hi", "n": 2, "best_of": 3}, 400, "best_of"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "prompt_logprobs": 21}, 400, "prompt_logprobs"),
     ("/v1/completions", {"prompt": "hi", "best_of": 3}, 400, "best_of"),
-    ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo"),
-    ("/v1/completions", {"prompt": "hi", "logprobs": 5}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "echo": "yes"}, 400, "echo"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": -1}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "hi", "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"prompt": "hi", "seed": -1}, 400, "seed"),
@@ -291,10 +297,14 @@ def test_chat_jinja_template(core):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 200}]}, 400,
      "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                              "top_logprobs": 3, "logprobs": True}, 400, "top_logprobs"),
+                              "top_logprobs": 21, "logprobs": True}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "top_logprobs": 2}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "echo": True}, 400, "echo"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                               "model": "nope"}, 404, "model"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 3}, 400,
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 0}, 400,
      "n"),
 ])
 def test_bad_requests_are_4xx_openai_errors(client, core, path, body, status, param):

@@ -20,7 +20,7 @@ def test_defaults_match_vllm():
 
 @pytest.mark.parametrize("kwargs, field", [
     ({"n": 0}, "n"),
-    ({"n": 2}, "n"),
+    ({"n": 2.0}, "n"),
     ({"n": 1.0}, "n"),
     ({"temperature": -0.1}, "temperature"),
     ({"temperature": "0.7"}, "temperature"),
@@ -59,7 +59,11 @@ def test_defaults_match_vllm():
     ({"frequency_penalty": -3}, "frequency_penalty"),
     ({"frequency_penalty": math.inf}, "frequency_penalty"),
     ({"logprobs": -1}, "logprobs"),
-    ({"logprobs": 2}, "logprobs"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"prompt_logprobs": -1}, "prompt_logprobs"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"n": 0}, "n"),
+    ({"n": 17}, "n"),
     ({"logprobs": True}, "logprobs"),
     ({"skip_special_tokens": "yes"}, "skip_special_tokens"),
     ({"include_stop_str_in_output": None}, "include_stop_str_in_output"),
@@ -73,10 +77,10 @@ def test_invalid_values_name_the_field(kwargs, field):
 
 
 def test_messages_say_the_limit():
-    with pytest.raises(SamplingParamsError, match=r"n > 1 is not supported"):
-        SamplingParams(n=4)
-    with pytest.raises(SamplingParamsError, match=r"only the chosen token's logprob"):
-        SamplingParams(logprobs=5)
+    with pytest.raises(SamplingParamsError, match=r"must be <= 16, got 17"):
+        SamplingParams(n=17)
+    with pytest.raises(SamplingParamsError, match=r"in \[0, 20\], got 21"):
+        SamplingParams(logprobs=21)
     with pytest.raises(SamplingParamsError, match=r"\(0, 1\]"):
         SamplingParams(top_p=0)
     with pytest.raises(SamplingParamsError, match=r"\[-2, 2\]"):
@@ -92,6 +96,14 @@ def test_boundary_values_accepted():
     assert isinstance(p.temperature, float) and p.temperature == 0.0
     assert isinstance(p.top_p, float)
     assert SamplingParams(logprobs=1).logprobs == 1
+    assert SamplingParams(logprobs=20, prompt_logprobs=20, n=16).logprobs == 20
+
+
+def test_for_choice_derives_one_seeded_sample():
+    p = SamplingParams(n=3, seed=2**63 - 1, logprobs=2)
+    assert [c.seed for c in (p.for_choice(0), p.for_choice(1))] == [2**63 - 1, 0]
+    assert p.for_choice(2).n == 1 and p.for_choice(2).logprobs == 2
+    assert SamplingParams(n=2).for_choice(1).seed is None
 
 
 def test_stop_normalised_to_tuples():
