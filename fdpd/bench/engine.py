@@ -151,6 +151,9 @@ def _apply_presets(ctx: click.Context, values: dict) -> dict:
               "$FDPD_VLLM_PYTHON, else .venv-vllm/bin/python).")
 @click.option("--vllm-log", default=None, type=click.Path(dir_okay=False),
               help="Append vLLM's own output to this file.")
+@click.option("--profile", default=0, type=click.IntRange(min=0),
+              help="After the timed runs, profile one more fdpd run (torch.profiler) and "
+              "print its N costliest operators by self CPU time.")
 @click.option("--quick", is_flag=True, help=f"Sanity run: {QUICK}, unless given explicitly.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.pass_context
@@ -180,6 +183,8 @@ def command(ctx: click.Context, **values) -> None:
                 runners[name], closer = _prepare_baseline(name, v, model, max_model_len)
                 closers.append(closer)
             results, tokens = measure(runners, prompts, lens, v["repeat"])
+            profile = (_profile(runners["fdpd"], prompts, lens, v["profile"])
+                       if v["profile"] else None)
             reference = None
             if v["dtype"] != "float32":
                 # Where the lower precision first changes a greedy choice.
@@ -193,6 +198,16 @@ def command(ctx: click.Context, **values) -> None:
         click.echo(json.dumps(report, indent=2))
     else:
         _print_table(v, report, results)
+        if profile:
+            click.echo("\nfdpd profile (one run, self CPU time):\n" + profile)
+
+
+def _profile(run: Runner, prompts: list[list[int]], lens: list[int], rows: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run(prompts, lens)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
 def _prepare(v: dict, model: str, max_model_len: int) -> Runner:
@@ -207,9 +222,12 @@ def _prepare_baseline(name: str, v: dict, model: str, max_model_len: int):
 
     if name == "transformers":
         return b.prepare_transformers(model, v["dtype"], v["max_num_seqs"]), lambda: None
-    return b.prepare_vllm(model, v["dtype"], v["threads"], v["max_num_seqs"],
-                          v["max_num_batched_tokens"], max_model_len,
-                          v["vllm_python"] or b.default_vllm_python(), v["vllm_log"])
+    try:
+        return b.prepare_vllm(model, v["dtype"], v["threads"], v["max_num_seqs"],
+                              v["max_num_batched_tokens"], max_model_len,
+                              v["vllm_python"] or b.default_vllm_python(), v["vllm_log"])
+    except (FileNotFoundError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from None
 
 
 def _report(v: dict, model_desc: dict, prompts: list[list[int]],

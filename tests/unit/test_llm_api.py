@@ -330,4 +330,14 @@ def test_cli_bench_engine_quick():
     names = [r["name"] for r in report["results"]]
     assert names == ["fdpd", "transformers"]
     assert all(r["output_tokens"] == 4 * 8 for r in report["results"])
-    assert report["greedy_agreement"] == {"agree": 4, "prompts": 4}
+    assert all(r["cpu_s"] > 0 for r in report["results"])
+    assert report["greedy_agreement"] == {
+        "transformers": {"agree": 4, "prompts": 4, "first_divergence": []}}
+    assert set(report["ratios"]["transformers"]) == {"wall", "cpu"}
+
+
+def test_cli_bench_engine_without_vllm_says_how_to_get_it(tmp_path):
+    result = CliRunner().invoke(main, ["bench", "engine", "--quick", "--baseline", "vllm",
+                                       "--vllm-python", str(tmp_path / "none" / "python")])
+    assert result.exit_code != 0
+    assert "scripts/setup-vllm" in result.output
