@@ -104,13 +104,17 @@ def _apply_presets(ctx: click.Context, values: dict) -> dict:
     """--workload then --quick fill every option the user did not give."""
     default = click.core.ParameterSource.DEFAULT
     presets = {**WORKLOADS[values["workload"]], **(QUICK if values["quick"] else {})}
+    if values["quick"] and values["workload"] == "prefill":
+        presets["output_len"] = 1
     return {k: (presets[k] if k in presets and ctx.get_parameter_source(k) == default else v)
             for k, v in values.items()}
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--workload", default="mixed", type=click.Choice(list(WORKLOADS)),
-              help="Batch preset: " + "; ".join(
+@click.option("--workload", multiple=True, default=("mixed",),
+              type=click.Choice(list(WORKLOADS)),
+              help="Batch preset (repeat the option to run several on the same loaded "
+              "engines): " + "; ".join(
                   f"{k}: {w['num_prompts']} prompts of {w['min_len']}..{w['max_len']} tokens, "
                   f"{w['output_len']} out" for k, w in WORKLOADS.items())
               + ". Options given explicitly override it.")
@@ -158,48 +162,60 @@ def _apply_presets(ctx: click.Context, values: dict) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.pass_context
 def command(ctx: click.Context, **values) -> None:
-    """Throughput of fdpd vs transformers and/or vLLM on one batch (greedy)."""
+    """Throughput of fdpd vs transformers and/or vLLM on one batch per workload (greedy)."""
     import torch
 
-    v = _apply_presets(ctx, values)
-    if not 1 <= v["min_len"] <= v["max_len"]:
-        raise click.BadParameter("need 1 <= --min-len <= --max-len", param_hint="--min-len")
-    baselines = list(dict.fromkeys(v["baselines"]))
-    torch.set_num_threads(v["threads"])
+    plans = [_apply_presets(ctx, {**values, "workload": w})
+             for w in dict.fromkeys(values["workload"])]
+    for v in plans:
+        if not 1 <= v["min_len"] <= v["max_len"]:
+            raise click.BadParameter("need 1 <= --min-len <= --max-len", param_hint="--min-len")
+    v0 = plans[0]
+    baselines = list(dict.fromkeys(v0["baselines"]))
+    torch.set_num_threads(v0["threads"])
     if "vllm" in baselines and hasattr(os, "sched_setaffinity"):
         # vLLM binds its model worker to cores 0..threads-1; fdpd gets the same cores.
-        os.sched_setaffinity(0, set(range(v["threads"])))
-    closers = []
+        os.sched_setaffinity(0, set(range(v0["threads"])))
+    max_model_len = max(-(-(v["max_len"] + v["output_len"] + 1) // 16) * 16 for v in plans)
+    closers, outputs = [], []
     with tempfile.TemporaryDirectory(prefix="fdpd-bench-") as tmp:
-        model, model_desc = _resolve_model(v, Path(tmp))
+        model, model_desc = _resolve_model(v0, Path(tmp))
         vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
-        prompts = make_prompts(v["num_prompts"], v["min_len"], v["max_len"], vocab, v["seed"])
-        lens = make_output_lens(v["num_prompts"], v["min_output_len"], v["output_len"],
-                                v["seed"])
-        max_model_len = -(-(v["max_len"] + v["output_len"] + 1) // 16) * 16
-        runners: dict[str, Runner] = {"fdpd": _prepare(v, model, max_model_len)}
+        # Every engine is loaded once and runs every workload.
+        runners: dict[str, Runner] = {"fdpd": _prepare(v0, model, max_model_len)}
+        fp32 = (_prepare({**v0, "dtype": "float32"}, model, max_model_len)
+                if v0["dtype"] != "float32" else None)
         try:
             for name in baselines:
-                runners[name], closer = _prepare_baseline(name, v, model, max_model_len)
+                runners[name], closer = _prepare_baseline(name, v0, model, max_model_len)
                 closers.append(closer)
-            results, tokens = measure(runners, prompts, lens, v["repeat"])
-            profile = (_profile(runners["fdpd"], prompts, lens, v["profile"])
-                       if v["profile"] else None)
-            reference = None
-            if v["dtype"] != "float32":
-                # Where the lower precision first changes a greedy choice.
-                fp32 = _prepare({**v, "dtype": "float32"}, model, max_model_len)
-                reference = agreement(tokens["fdpd"], fp32(prompts, lens).tokens)
+            for v in plans:
+                outputs.append(_run_workload(v, runners, fp32, vocab, model_desc, baselines))
         finally:
             for close in closers:
                 close()
-    report = _report(v, model_desc, prompts, results, tokens, baselines, reference)
-    if v["as_json"]:
-        click.echo(json.dumps(report, indent=2))
-    else:
-        _print_table(v, report, results)
+    if v0["as_json"]:
+        reports = [report for report, _, _ in outputs]
+        click.echo(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+        return
+    for i, (report, results, profile) in enumerate(outputs):
+        if i:
+            click.echo("")
+        _print_table(plans[i], report, results)
         if profile:
             click.echo("\nfdpd profile (one run, self CPU time):\n" + profile)
+
+
+def _run_workload(v: dict, runners: dict[str, Runner], fp32: Runner | None, vocab: int,
+                  model_desc: dict, baselines: list[str]):
+    prompts = make_prompts(v["num_prompts"], v["min_len"], v["max_len"], vocab, v["seed"])
+    lens = make_output_lens(v["num_prompts"], v["min_output_len"], v["output_len"], v["seed"])
+    results, tokens = measure(runners, prompts, lens, v["repeat"])
+    profile = _profile(runners["fdpd"], prompts, lens, v["profile"]) if v["profile"] else None
+    # Where the lower precision first changes a greedy choice.
+    reference = agreement(tokens["fdpd"], fp32(prompts, lens).tokens) if fp32 else None
+    report = _report(v, model_desc, prompts, results, tokens, baselines, reference)
+    return report, results, profile
 
 
 def _profile(run: Runner, prompts: list[list[int]], lens: list[int], rows: int) -> str:

@@ -15,6 +15,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -25,18 +29,54 @@ namespace {
 template <typename T>
 inline float to_float(T x) { return static_cast<float>(x); }
 
+#ifdef __AVX2__
+// 8 elements of a key/value row as float32 lanes.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// q (float32) . k; four independent accumulators keep the FMA units busy.
 template <typename T>
 inline float dot(const float* __restrict q, const T* __restrict k, int64_t d) {
+  int64_t i = 0;
   float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < d; ++i) s += q[i] * to_float(k[i]);
+#ifdef __AVX2__
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (; i + 32 <= d; i += 32) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), load8(k + i + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 16), load8(k + i + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 24), load8(k + i + 24), a3);
+  }
+  for (; i + 8 <= d; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), a0);
+  s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
+  for (; i < d; ++i) s += q[i] * to_float(k[i]);
   return s;
 }
 
+// acc += a * v
 template <typename T>
 inline void axpy(float a, const T* __restrict v, float* __restrict acc, int64_t d) {
-#pragma omp simd
-  for (int64_t i = 0; i < d; ++i) acc[i] += a * to_float(v[i]);
+  int64_t i = 0;
+#ifdef __AVX2__
+  const __m256 av = _mm256_set1_ps(a);
+  for (; i + 8 <= d; i += 8)
+    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(av, load8(v + i), _mm256_loadu_ps(acc + i)));
+#endif
+  for (; i < d; ++i) acc[i] += a * to_float(v[i]);
 }
 
 template <typename T, typename Q>
@@ -54,7 +94,7 @@ void decode_kernel(const Q* q, const T* cache, const int64_t* table, const int64
       for (int64_t g = 0; g < group; ++g)
         for (int64_t i = 0; i < head_dim; ++i)
           qf[g * head_dim + i] = to_float(q[(b * q_heads + h * group + g) * head_dim + i]) * scale;
-      scores.assign(group * len, 0.f);
+      if (static_cast<int64_t>(scores.size()) < group * len) scores.resize(group * len);
       // Keys: one pass, every query head of the group at once.
       for (int64_t t = 0; t < len; ++t) {
         const T* k = cache + blocks[t / block_size] * s_block + (t % block_size) * s_tok +
@@ -90,19 +130,22 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor la
                             torch::Tensor block_table, torch::Tensor seq_lens, double scale) {
   const int64_t batch = q.size(0), q_heads = q.size(1), head_dim = q.size(2);
   const int64_t kv_heads = layer_cache.size(3), block_size = layer_cache.size(2);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, layer_cache.scalar_type(),
-                                  "paged_decode_attention", [&] {
-    using cache_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(),
-                                    "paged_decode_attention_q", [&] {
-      decode_kernel<cache_t, scalar_t>(
-          q.data_ptr<scalar_t>(), layer_cache.data_ptr<cache_t>(),
-          block_table.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
-          out.data_ptr<scalar_t>(), batch, q_heads, kv_heads, head_dim, block_size,
-          block_table.size(1), layer_cache.stride(0), layer_cache.stride(1),
-          layer_cache.stride(2), layer_cache.stride(3), static_cast<float>(scale));
-    });
-  });
+  TORCH_CHECK(q.scalar_type() == layer_cache.scalar_type(), "q and the cache differ in dtype");
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    decode_kernel<T, T>(
+        q.data_ptr<T>(), layer_cache.data_ptr<T>(), block_table.data_ptr<int64_t>(),
+        seq_lens.data_ptr<int64_t>(), out.data_ptr<T>(), batch, q_heads, kv_heads, head_dim,
+        block_size, block_table.size(1), layer_cache.stride(0), layer_cache.stride(1),
+        layer_cache.stride(2), layer_cache.stride(3), static_cast<float>(scale));
+  };
+  switch (layer_cache.scalar_type()) {
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(c10::BFloat16{}); break;
+    case at::kHalf: run(c10::Half{}); break;
+    default: TORCH_CHECK(false, "paged_decode_attention: unsupported dtype ",
+                         layer_cache.scalar_type());
+  }
 }
 
 }  // namespace
