@@ -49,8 +49,8 @@ class ModelRunner:
                  device: torch.device, dtype: torch.dtype, kernels: str = "auto"):
         c = model.config
         self.model = model
-        # Decode attention through the block table in place (fdpd.model.native) unless plain
-        # torch is asked for or the kernel cannot be built here.
+        # Decode attention through the block table in place, and the fused elementwise
+        # kernels (fdpd.model.native), unless plain torch is asked for or they cannot be built.
         self.native_attention = kernels != "torch" and native.available(device)
         self.block_size = block_size
         self.device = device
@@ -86,7 +86,8 @@ class ModelRunner:
                 prefills.append(self._prefill_span(first, item))
         dev = self.device
         meta = AttentionMetadata.from_slots(torch.tensor(slots, dtype=torch.long, device=dev),
-                                            bs, prefills, self._decode_groups(decodes))
+                                            bs, prefills, self._decode_groups(decodes),
+                                            native=self.native_attention)
         hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=dev),
                             torch.tensor(positions, dtype=torch.long, device=dev),
                             self.kv_cache, meta)

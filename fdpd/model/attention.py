@@ -61,13 +61,15 @@ class AttentionMetadata:
     slot_offsets: torch.Tensor                 # [T] and its offset in that block
     prefills: list[PrefillSpan]
     decodes: list[DecodeGroup]
+    # The layer's elementwise steps run as fdpd.model.native's fused kernels.
+    native: bool = False
 
     @classmethod
     def from_slots(cls, slots: torch.Tensor, block_size: int, prefills: list[PrefillSpan],
-                   decodes: list[DecodeGroup]) -> AttentionMetadata:
+                   decodes: list[DecodeGroup], native: bool = False) -> AttentionMetadata:
         """``slots[i]`` = block id * block_size + offset of new token i."""
         return cls(torch.div(slots, block_size, rounding_mode="floor"), slots % block_size,
-                   prefills, decodes)
+                   prefills, decodes, native)
 
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fdpd.model import native
 from fdpd.model.attention import AttentionMetadata, paged_attention, write_kv
 from fdpd.model.config import ModelConfig
 
@@ -84,12 +85,17 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
                 cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
-        write_kv(cache, k, v, meta)
+        qkv = self.qkv_proj(x)
+        v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
+        if meta.native:
+            q, k = native.rope_and_write_kv(
+                qkv.contiguous(), positions, rope.cos, rope.sin, cache, meta.slot_blocks,
+                meta.slot_offsets, self.num_heads, self.num_kv_heads, self.head_dim)
+        else:
+            q, k = qkv[:, :self.q_size + self.kv_size].split([self.q_size, self.kv_size], -1)
+            q, k = rope(positions, q.view(-1, self.num_heads, self.head_dim),
+                        k.view(-1, self.num_kv_heads, self.head_dim))
+            write_kv(cache, k, v, meta)
         o = paged_attention(q, k, v, cache, meta, self.scale)
         return self.o_proj(o.reshape(-1, self.q_size))
 
@@ -101,8 +107,11 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        if fused and gate_up.dtype == torch.float32:
+            return self.down_proj(native.silu_and_mul(gate_up.contiguous()))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -116,7 +125,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, positions, rope, cache, meta):
         x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), meta.native)
 
 
 class LlamaModel(nn.Module):

@@ -1,7 +1,9 @@
 """fdpd's native CPU kernels (``fdpd/model/csrc``), compiled on first use.
 
 ``paged_decode_attention`` (csrc/paged_attention.cpp) attends each decode token to its context
-straight through the block table, instead of gathering the context into a dense copy first.
+straight through the block table, instead of gathering the context into a dense copy first;
+``rope_and_write_kv`` and ``silu_and_mul`` (csrc/fused_ops.cpp) do a layer's elementwise steps
+in one pass each.
 It is built with ``torch.utils.cpp_extension`` (gcc + ninja) into torch's extension cache
 (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), once per machine: the first
 process pays the compile (a minute on a 2-core VM), later ones load the cached library.
@@ -26,7 +28,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("csrc") / "paged_attention.cpp"]
+SOURCES = [Path(__file__).with_name("csrc") / name
+           for name in ("paged_attention.cpp", "fused_ops.cpp")]
 
 
 @functools.cache
@@ -60,6 +63,28 @@ def paged_decode_attention(out: torch.Tensor, q: torch.Tensor, layer_cache: torc
     if load() is not None:
         raise RuntimeError(f"fdpd native kernels unavailable: {load()}")
     torch.ops.fdpd.paged_decode_attention(out, q, layer_cache, block_table, seq_lens, scale)
+
+
+def rope_and_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, layer_cache: torch.Tensor, slot_blocks: torch.Tensor,
+                      slot_offsets: torch.Tensor, q_heads: int, kv_heads: int,
+                      head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on q and k of the fused projection ``qkv[T, (Hq + 2 Hkv) * D]`` (contiguous), and
+    k, v of each token written to its slot of ``layer_cache``. Returns (q [T, Hq, D], k [T, Hkv,
+    D]); v stays a view of ``qkv``. ``cos``/``sin`` are the float32 tables [positions, D]."""
+    tokens = qkv.shape[0]
+    q = torch.empty(tokens, q_heads, head_dim, dtype=qkv.dtype)
+    k = torch.empty(tokens, kv_heads, head_dim, dtype=qkv.dtype)
+    torch.ops.fdpd.rope_and_write_kv(q, k, qkv, positions, cos, sin, layer_cache, slot_blocks,
+                                     slot_offsets)
+    return q, k
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up for ``gate_up[T, 2 I]`` (contiguous, gate first)."""
+    out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=gate_up.dtype)
+    torch.ops.fdpd.silu_and_mul(out, gate_up)
+    return out
 
 
 def main() -> None:

@@ -89,3 +89,42 @@ def test_kernel_choice_is_checked():
         resolve_kernels("onednn", torch.device("meta"), torch.float32)
     assert resolve_kernels("auto", torch.device("cpu"), torch.float16) == "torch"
     assert resolve_kernels("auto", torch.device("cpu"), torch.bfloat16) == "onednn"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rope_and_kv_write_equal_the_torch_steps(dtype):
+    from fdpd.model.attention import AttentionMetadata, write_kv
+    from fdpd.model.llama import RotaryEmbedding
+    from fdpd.model.synthetic import synthetic_config
+
+    cfg = synthetic_config("llama", hidden=128, heads=4, kv_heads=2, layers=1)
+    rope = RotaryEmbedding(cfg, 256)
+    torch.manual_seed(0)
+    tokens, hq, hkv, d, bs = 13, 4, 2, 32, 8
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * d).to(dtype)
+    positions = torch.randint(0, 256, (tokens,))
+    slots = torch.randperm(40 * bs)[:tokens]
+    meta = AttentionMetadata.from_slots(slots, bs, [], [])
+    caches = [torch.zeros(40, 3, 2, bs, hkv, d, dtype=dtype) for _ in range(2)]
+    q, k = native.rope_and_write_kv(qkv, positions, rope.cos, rope.sin, caches[0][:, 1],
+                                    meta.slot_blocks, meta.slot_offsets, hq, hkv, d)
+    q_ref, k_ref = rope(positions, qkv[:, :hq * d].view(-1, hq, d).float(),
+                        qkv[:, hq * d:(hq + hkv) * d].view(-1, hkv, d).float())
+    v = qkv[:, (hq + hkv) * d:].view(-1, hkv, d)
+    write_kv(caches[1][:, 1], k_ref.to(dtype), v, meta)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (q.float() - q_ref).abs().max() < tol and (k.float() - k_ref).abs().max() < tol
+    assert (caches[0].float() - caches[1].float()).abs().max() < tol
+    assert caches[0][:, [0, 2]].abs().sum() == 0        # other layers untouched
+
+
+def test_fused_silu_and_mul_equals_torch():
+    torch.manual_seed(0)
+    gate_up = torch.randn(7, 2 * 100) * 6
+    gate_up[0, 0] = float("nan")
+    gate_up[1, 1] = -200.0                               # exp(200) overflows float32
+    got = native.silu_and_mul(gate_up)
+    gate, up = gate_up.split(100, dim=-1)
+    want = F.silu(gate) * up
+    assert torch.isnan(got[0, 0])
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)

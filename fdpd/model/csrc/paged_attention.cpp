@@ -131,6 +131,10 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor la
   const int64_t batch = q.size(0), q_heads = q.size(1), head_dim = q.size(2);
   const int64_t kv_heads = layer_cache.size(3), block_size = layer_cache.size(2);
   TORCH_CHECK(q.scalar_type() == layer_cache.scalar_type(), "q and the cache differ in dtype");
+  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && layer_cache.stride(4) == 1 &&
+              q_heads % kv_heads == 0 && block_table.scalar_type() == at::kLong &&
+              seq_lens.scalar_type() == at::kLong && block_table.is_contiguous(),
+              "paged_decode_attention: layout contract violated (see the file's header)");
   auto run = [&](auto tag) {
     using T = decltype(tag);
     decode_kernel<T, T>(
