@@ -19,6 +19,7 @@ and runs the plain-torch attention: same tokens, slower.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import sys
@@ -28,8 +29,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("csrc") / name
-           for name in ("paged_attention.cpp", "fused_ops.cpp")]
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = {CSRC / "paged_attention.cpp", CSRC / "fused_ops.cpp"}
+HEADERS = {CSRC / "vec.h"}
 
 
 @functools.cache
@@ -37,13 +39,18 @@ def load() -> str | None:
     """Build (if needed) and load the kernels. Returns None when loaded, else why not."""
     if os.environ.get("FDPD_NATIVE_KERNELS", "1") == "0":
         return "disabled by FDPD_NATIVE_KERNELS=0"
+    cflags = ["-O3", f"-march={os.environ.get('FDPD_NATIVE_MARCH', 'native')}", "-fopenmp"]
+    # One build directory per source version and flags: a process never loads a library built
+    # from other sources (several checkouts or versions may share the extension cache).
+    digest = hashlib.sha256(" ".join(cflags).encode())
+    for path in sorted(SOURCES.union(HEADERS)):
+        digest.update(path.read_bytes())
     try:
         from torch.utils import cpp_extension
 
         cpp_extension.load(
-            name="fdpd_native", sources=[str(s) for s in SOURCES], is_python_module=False,
-            extra_cflags=["-O3", f"-march={os.environ.get('FDPD_NATIVE_MARCH', 'native')}",
-                          "-fopenmp"], verbose=False)
+            name=f"fdpd_native_{digest.hexdigest()[:16]}", sources=[str(s) for s in SOURCES],
+            is_python_module=False, extra_cflags=cflags, verbose=False)
     except Exception as e:   # compiler, ninja or loader missing: fall back, say why
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ''}"
         log.warning("native kernels unavailable, using plain torch attention (%s)", reason)
