@@ -2,11 +2,12 @@
 
 Per request: Submit (from the router) -> AllocRequest to the chosen decode, and the prompt is
 computed at once, without waiting for the grant. When both the grant and the first token are
-there, the KV of the blocks decode does not already hold goes out as zero-copy frames straight
-from the cache, then ``PrefillDone``; P's blocks are released (they stay in P's prefix cache)
-once libzmq has sent those frames (``Shipment``). Every wait has a deadline; a refusal from
-decode goes back to the router. A duplicated Submit or Grant acts once; a Submit that an Abort
-overtook starts nothing.
+there, the token goes to the router (``_stream_first_token``: the client's first token does
+not wait for the transfer), and the KV of the blocks decode does not already hold goes out as
+zero-copy frames straight from the cache, then ``PrefillDone``; P's blocks are released (they
+stay in P's prefix cache) once libzmq has sent those frames (``Shipment``). Every wait has a
+deadline; a refusal from decode goes back to the router. A duplicated Submit or Grant acts
+once; a Submit that an Abort overtook starts nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from fdpd.pd.protocol import (
     Reject,
     Submit,
     SubmitAck,
+    Tokens,
     TransferResult,
 )
 from fdpd.pd.service import InstanceService, RecentIds
@@ -77,7 +79,7 @@ class PrefillService(InstanceService):
         self.shipped = RecentIds()
         self.counters.update({"kv_bytes_sent": 0, "kv_blocks_sent": 0, "transfers": 0,
                               "transfer_failures": 0, "grant_timeouts": 0,
-                              "kv_sends_abandoned": 0})
+                              "kv_sends_abandoned": 0, "first_tokens_early": 0})
 
     def on_submit(self, inbound: Inbound) -> None:
         msg: Submit = inbound.msg
@@ -153,6 +155,7 @@ class PrefillService(InstanceService):
         kv_blocks_sent = 0
         ship_start = time.monotonic()
         if out.finish_reason == "prefilled":
+            self._stream_first_token(job, token, logprob)
             owner = kv_owner(req)
             # Every token but the sampled one has KV (a resumed request: its old outputs too).
             num_kv = self.engine.block_manager.blocks_for(req.num_tokens - 1)
@@ -174,6 +177,20 @@ class PrefillService(InstanceService):
         self.counters["transfers"] += 1
         log.debug("shipped %s: %d KV blocks to %s", req.request_id, kv_blocks_sent,
                   job.decode_id, extra={"request_id": req.request_id})
+
+    def _stream_first_token(self, job: PrefillJob, token: int, logprob: float | None) -> None:
+        """The first token to the router now, ahead of the KV, the grant's commit and the
+        decode's next step (time to first token). Only once the grant is held: before it, the
+        decode may still refuse, and the router retries a request transparently only while
+        the client has no token. The decode sends the token again with the same position;
+        the router keeps one copy."""
+        req = job.req
+        self.send(job.router, Tokens(req.request_id, [token], None if logprob is None
+                                     or req.sampling_params.logprobs is None else [logprob],
+                                     False, None, None, req.num_prompt_tokens,
+                                     req.num_cached_tokens,
+                                     position=req.num_output_tokens - 1))
+        self.counters["first_tokens_early"] += 1
 
     def _timeline(self, job: PrefillJob, ship_start: float) -> dict:
         """This instance's phases of ``job`` (durations: D and the router have other clocks).

@@ -62,6 +62,7 @@ class TokenDelta:
     # placed the request (see Route).
     timeline: dict | None = None
     route: Route | None = None
+    position: int = -1                 # Tokens.position: index of token_ids[0] in the output
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class Inflight:
     decode: Instance | None            # the decode, or the mixed instance
     prompt_tokens: int
     streamed: bool = False
+    decoding: bool = False             # tokens came from the decode (the prefill's job is done)
     acked: bool = False
     dispatched_at: float = field(default_factory=time.monotonic)
 
@@ -299,6 +301,8 @@ class RouterCore:
                         if event.origin:
                             excluded.add(event.origin)
                         break
+                    if not keep_new_tokens(event, len(generated)):
+                        continue
                     flight.streamed = True
                     if usage is None:
                         usage = (event.num_prompt_tokens, event.num_cached_tokens)
@@ -409,10 +413,11 @@ class RouterCore:
         if isinstance(msg, Tokens):
             flight = self.inflight.get(msg.req_id)
             if flight is not None:
+                flight.decoding = flight.decoding or env.src == flight.decode.instance_id
                 flight.queue.put_nowait(TokenDelta(
                     list(msg.token_ids), msg.logprobs, msg.finished, msg.finish_reason,
                     msg.stop_reason, msg.num_prompt_tokens, msg.num_cached_tokens,
-                    msg.timeline))
+                    msg.timeline, position=msg.position))
         elif isinstance(msg, Heartbeat):
             if not self.registry.heartbeat(env.src, env.epoch, msg.load):
                 # Unknown to this router (it restarted) or marked dead: register again.
@@ -485,10 +490,10 @@ class RouterCore:
                 self._instance_lost(inst, f"instance {inst.instance_id} died")
 
     def _instance_lost(self, inst: Instance, reason: str) -> None:
-        """Fail every attempt ``inst`` holds state for (a prefill only until the first
-        token: after that the decode has the request)."""
+        """Fail every attempt ``inst`` holds state for (a prefill until the decode streams:
+        its early first token does not mean the KV reached the decode)."""
         for flight in list(self.inflight.values()):
-            if flight.decode is inst or (flight.prefill is inst and not flight.streamed):
+            if flight.decode is inst or (flight.prefill is inst and not flight.decoding):
                 flight.queue.put_nowait(Failure(reason, inst.instance_id))
 
     def _fail_unacknowledged(self, now: float) -> None:
@@ -558,6 +563,23 @@ class RouterCore:
         reg.counter("fdpd:router_requests_refused_total", "Generation requests answered 429: "
                     "no admission seat free.").inc(self.admission.refused)
         return reg.render()
+
+
+def keep_new_tokens(event: TokenDelta, have: int) -> bool:
+    """The first token reaches the router twice, early from the prefill and again from the
+    decode, in either order: trim from ``event`` the tokens the client already has (``have``
+    of them). False when nothing is left to deliver. Raises StreamBroken on a gap (a lost
+    message): a stream with a token missing is never delivered."""
+    if event.position < 0:
+        return True
+    skip = have - event.position
+    if skip < 0:
+        raise StreamBroken(f"tokens {have}..{event.position - 1} of the output never arrived")
+    if skip:
+        del event.token_ids[:skip]
+        if event.logprobs:
+            del event.logprobs[:skip]
+    return bool(event.token_ids) or event.finished
 
 
 def _kind(reason: str) -> str:
