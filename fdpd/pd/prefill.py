@@ -50,6 +50,10 @@ class PrefillJob:
     result: StepOutput | None = None       # the step that sampled the first token
     computed_at: float = 0.0               # when the first token was sampled
     granted_at: float = 0.0                # when the grant arrived
+    # Grant-relative index of the first block not yet sent: blocks of finished chunks travel
+    # while the next chunk computes (``_stream_chunks``), so the last chunk ships only its own.
+    next_block: int = 0
+    streamed_blocks: int = 0               # of them, sent before the last chunk was computed
 
 
 @dataclass
@@ -79,7 +83,8 @@ class PrefillService(InstanceService):
         self.shipped = RecentIds()
         self.counters.update({"kv_bytes_sent": 0, "kv_blocks_sent": 0, "transfers": 0,
                               "transfer_failures": 0, "grant_timeouts": 0,
-                              "kv_sends_abandoned": 0, "first_tokens_early": 0})
+                              "kv_sends_abandoned": 0, "first_tokens_early": 0,
+                              "kv_blocks_streamed": 0})
 
     def on_submit(self, inbound: Inbound) -> None:
         msg: Submit = inbound.msg
@@ -131,6 +136,7 @@ class PrefillService(InstanceService):
             return
         job.grant = msg
         job.granted_at = inbound.received_at or time.monotonic()
+        job.next_block = msg.cached_blocks
         if job.result is not None:
             self._ship(job)
 
@@ -144,6 +150,31 @@ class PrefillService(InstanceService):
             self.metrics.ttft.observe(job.computed_at - job.req.arrival_time)
             if job.grant is not None:
                 self._ship(job)
+        if self.pd.stream_kv_chunks:
+            self._stream_chunks()
+
+    def _stream_chunks(self) -> None:
+        """Send the blocks that the chunks computed so far have filled, for every request
+        still computing that holds its grant: the transfer overlaps the next chunks'
+        compute. The decode keeps them LOADING until PrefillDone confirms the whole set."""
+        bm = self.engine.block_manager
+        for job in self.jobs.values():
+            req = job.req
+            if job.grant is None or job.result is not None or req.is_finished:
+                continue
+            # Full blocks only (a partial one is still being written), and never past the
+            # prompt's last KV block, the one _ship would send.
+            full = min(req.num_computed_tokens // bm.block_size,
+                       bm.blocks_for(req.num_tokens - 1))
+            if full <= job.next_block:
+                continue
+            blocks = bm.owned(req.request_id)[job.next_block:full]
+            if len(blocks) != full - job.next_block:
+                continue            # preempted here meanwhile: its blocks come back later
+            self._send_kv(job, blocks, None, job.next_block, copy=True)
+            job.streamed_blocks += len(blocks)
+            job.next_block = full
+            self.counters["kv_blocks_streamed"] += len(blocks)
 
     def _ship(self, job: PrefillJob) -> None:
         """Send the KV decode lacks, then PrefillDone; release our copy."""
@@ -159,10 +190,12 @@ class PrefillService(InstanceService):
             owner = kv_owner(req)
             # Every token but the sampled one has KV (a resumed request: its old outputs too).
             num_kv = self.engine.block_manager.blocks_for(req.num_tokens - 1)
-            blocks = self.engine.block_manager.owned(owner)[grant.cached_blocks:num_kv]
+            first = max(grant.cached_blocks, job.next_block)
+            blocks = self.engine.block_manager.owned(owner)[first:num_kv]
             trackers: list = []
             try:
-                kv_blocks_sent = self._send_kv(job, blocks, trackers)
+                kv_blocks_sent = job.next_block - grant.cached_blocks
+                kv_blocks_sent += self._send_kv(job, blocks, trackers, first)
             finally:
                 # The frames are views of these blocks: they stay held (nobody can reuse and
                 # overwrite them) until libzmq has sent every frame, or gave up on the peer.
@@ -209,14 +242,17 @@ class PrefillService(InstanceService):
         self.metrics.kv_transfer.observe(kv_send)
         self.metrics.e2e.observe(now - req.arrival_time)
         self.metrics.observe_phases(phases)
+        # kv_send covers only what was left after the last chunk: the exposed transfer.
         return {"phases": phases, "kv_send": kv_send, "grant_hold": now - job.granted_at,
-                "prefill_instance": self.instance_id}
+                "prefill_instance": self.instance_id,
+                "kv_streamed_blocks": job.streamed_blocks}
 
-    def _send_kv(self, job: PrefillJob, blocks: list[int], trackers: list) -> int:
+    def _send_kv(self, job: PrefillJob, blocks: list[int], trackers: list | None,
+                 first_index: int, copy: bool = False) -> int:
         sent = kv_transfer.send_kv_blocks(
             lambda msg, frames: self.send(job.decode_address, msg, frames),
             self.engine.runner.kv_cache, job.grant.grant_id, job.req.request_id, blocks,
-            job.grant.cached_blocks, self.staging, trackers=trackers)
+            first_index, self.staging, trackers=trackers, copy=copy)
         self.counters["kv_bytes_sent"] += sent
         self.counters["kv_blocks_sent"] += len(blocks)
         return len(blocks)

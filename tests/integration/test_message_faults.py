@@ -338,7 +338,8 @@ def test_prefill_takes_a_duplicated_submit_and_grant_once(prefill_service):
     p.deliver(grant, "decode-0")
     while "r1" in p.svc.jobs:
         p.svc.on_step(p.svc.engine.step())
-    assert types(p.take()) == ["KVBlocks", "PrefillDone"]
+    # The first token goes to the router first (early), then the KV and PrefillDone.
+    assert types(p.take()) == ["Tokens", "KVBlocks", "PrefillDone"]
     p.deliver(grant, "decode-0")
     p.deliver(submit("r1"), "router")
     assert p.take() == [] and not p.svc.jobs and p.svc.counters["duplicates"] == 3
@@ -366,8 +367,11 @@ def faulty_cluster(tmp_path_factory):
             relays[name] = FaultRelay(f"tcp://127.0.0.1:{port}", seed=SEED, name=name)
             instance_args[name] = ["--port", str(port),
                                    "--advertise-address", relays[name].address]
+        # Small prefill chunks: most prompts take several, so their KV travels chunk by chunk
+        # while the next computes, and every plan hits those messages too.
         with Cluster(1, 2, common_args=[*POOL, "--grant-ttl", str(GRANT_TTL),
                                         "--transfer-timeout", str(TRANSFER_TIMEOUT)],
+                     prefill_args=["--max-num-batched-tokens", "32"],
                      instance_args=instance_args,
                      log_dir=tmp_path_factory.mktemp("faults")) as cluster:
             views = {v["instance_id"]: v for v in cluster.cluster()["instances"]}
