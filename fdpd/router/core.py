@@ -235,6 +235,7 @@ class RouterCore:
         generated: list[int] = []
         usage: tuple[int, int] | None = None       # (prompt, cached) of the first attempt
         attempt = dispatches = migrations = 0
+        decoded = False         # some decode streamed (not only a prefill's early first token)
         while attempt < self.max_attempts:
             if attempt and not generated:
                 self.stats.retries += 1
@@ -290,7 +291,7 @@ class RouterCore:
                                  len(generated), event.reason, extra={"request_id": request_id})
                         break
                     if isinstance(event, Failure):
-                        if flight.streamed:
+                        if flight.streamed and not resumes_after_early_token(flight, event):
                             raise StreamBroken(f"request failed mid-stream: {event.reason}")
                         if event.final and generated:
                             raise StreamBroken(f"resumed request refused: {event.reason}")
@@ -323,14 +324,17 @@ class RouterCore:
                     if finished:
                         return
             finally:
+                decoded = decoded or flight.decoding
                 self._end(flight, abort=not finished)
             if not self._can_route(excluded):
                 break                 # nobody left to try: answer now, not after a back-off
             if last is not None and last.retry_after and time.monotonic() < deadline:
                 await asyncio.sleep(min(last.retry_after, max(0.0, deadline - time.monotonic())))
         self.stats.failures[_kind(last.reason)] += 1
-        if generated:
+        if generated and decoded:
             raise StreamBroken(f"could not resume the request: {last.reason}")
+        # Only an early first token was produced: the request failed in its transfer, as
+        # before the token went out early, and gets the same status (a stream: an error event).
         raise RouterError(503, "unavailable", f"request failed after {attempt} "
                           f"attempt{'s' if attempt != 1 else ''}: {last.reason}",
                           retry_after=max(1.0, last.retry_after))
@@ -563,6 +567,14 @@ class RouterCore:
         reg.counter("fdpd:router_requests_refused_total", "Generation requests answered 429: "
                     "no admission seat free.").inc(self.admission.refused)
         return reg.render()
+
+
+def resumes_after_early_token(flight: Inflight, failure: Failure) -> bool:
+    """A PD attempt that failed after only the prefill's early first token (the decode never
+    streamed: a lost grant, KV or PrefillDone, an expired lease, a dead instance) goes on
+    elsewhere from prompt + the tokens the client has, like a drained request: before the
+    first token early, this failure was a transparent retry, and it must stay one."""
+    return flight.prefill is not None and not flight.decoding and not failure.final
 
 
 def keep_new_tokens(event: TokenDelta, have: int) -> bool:
