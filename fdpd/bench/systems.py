@@ -18,6 +18,11 @@ from fdpd.bench.serve import build_workload, run_benchmark
 from fdpd.bench.vllm_server import VLLMServer, VLLMSettings
 
 log = logging.getLogger(__name__)
+# The production default (the test harness's 0.2 s is for fast failure detection): heartbeats
+# come from the engine loop, and on a shared 2-core machine one 512-token prefill step of the
+# h512 x 8 model took long enough that the router declared the prefill dead 25 times in a
+# 40-request run (bench compare, 1.5 req/s, machine load ~8).
+HEARTBEAT_INTERVAL = 0.5
 
 
 def router_ttft(cluster) -> tuple[float, int]:
@@ -44,7 +49,7 @@ def run_fdpd_system(name: str, counts: tuple[int, int, int], model: str,
                       prefill_args=role_args["prefill"], decode_args=role_args["decode"],
                       mixed_args=role_args["mixed"],
                       log_dir=(log_dir / name) if log_dir else None, startup_timeout=180,
-                      quiescent_timeout=60)
+                      quiescent_timeout=60, heartbeat_interval=HEARTBEAT_INTERVAL)
     click.echo(f"[{name}] starting router + {counts[0]} prefill + {counts[1]} decode + "
                f"{counts[2]} mixed", err=True)
     cluster.start()
