@@ -137,6 +137,9 @@ class PDConfig:
     transfer_timeout: float = _opt(30.0, "Seconds a prefill waits for a decode's grant or "
                                    "reject, and a decode queues a request it cannot grant yet.")
     request_timeout: float = _opt(600.0, "Seconds a request may take end to end.")
+    stream_kv_chunks: bool = _opt(True, "Prefill: send each finished chunk's KV blocks while "
+                                  "the next chunk computes (once the grant is held), so only "
+                                  "the last chunk's blocks are left to move after the prompt.")
     heartbeat_interval: float = _opt(0.5, "Seconds between instance heartbeats to the router.")
     # Peer authentication (fdpd.pd.auth). The secret itself is no flag (a command line shows in
     # `ps`) and never printed: repr=False, and --help shows no default for it.

@@ -214,7 +214,7 @@ def refusal_cost(cluster, requests: int) -> dict:
     that sent a request's headers and never its body (the seat is taken before the body is
     read), then ``requests`` requests are sent one after the other on one connection, each
     refused; the router's CPU time over them (``/proc``) divided by their number."""
-    from fdpd.bench.compare import cpu_seconds
+    from fdpd.bench.cpu import cpu_seconds
 
     http = httpx.Client(base_url=cluster.base_url, timeout=10)
     limit = http.get("/v1/cluster").json()["router"]["admission"]["limit"]
@@ -392,7 +392,8 @@ def command(num_prefill, num_decode, cost_model, model, engine_args, router_args
             probe_factor, burst_factor, baseline_seconds, burst_seconds, recovery_seconds,
             refusals, seed, json_path, log_dir):
     """A burst at --burst-factor x capacity: refusals, their latency, memory, recovery."""
-    from fdpd.bench.compare import _own_cpu, synthetic_model
+    from fdpd.bench.compare import synthetic_model
+    from fdpd.bench.cpu import own_cpu as _own_cpu
     from fdpd.testing import Cluster
     from fdpd.testing.harness import ClusterError
 

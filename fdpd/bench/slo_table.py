@@ -1,5 +1,6 @@
-"""``fdpd bench slo-table``: SLO attainment and goodput of PD vs colocated across request
-rates, recomputed offline from ``bench compare --save-requests`` results (one JSON per rate).
+"""``fdpd bench slo-table``: SLO attainment and goodput of PD vs colocated (fdpd mixed, vLLM)
+across request rates, recomputed offline from ``bench compare --save-requests`` results (one
+JSON per rate).
 
 ::
 
@@ -21,7 +22,7 @@ import click
 
 from fdpd.bench.metrics import ITL_STATS, SLO, RequestRecord
 
-SYSTEMS = (("pd", "PD"), ("colocated", "colocated"))
+SYSTEMS = (("pd", "PD"), ("colocated", "colocated"), ("vllm", "vLLM"))
 
 
 def records_from_rows(rows: list[dict]) -> list[RequestRecord]:
@@ -62,44 +63,62 @@ def attainment(report: dict, system: str, slo: SLO) -> tuple[float, float]:
 def command(results, slos, slo_itl_stat, target, plot):
     """Attainment and goodput per request rate from `bench compare --save-requests` JSONs."""
     reports = [json.loads(Path(p).read_text()) for p in results]
-    rate_of = [float(r["pd"]["config"]["arrival"].split("rate ")[1].split(" ")[0])
-               for r in reports]
+    # The systems every file has, in the canonical order (PD first: the ratios are PD / other).
+    systems = [(k, n) for k, n in SYSTEMS if all(k in r for r in reports)]
+    if not systems:
+        raise click.ClickException("no system is in every file (pd, colocated, vllm)")
+    rate_of = [_rate(r[systems[0][0]]) for r in reports]
     order = sorted(range(len(reports)), key=lambda i: rate_of[i])
     parsed = [SLO.parse(s, slo_itl_stat) for s in slos]
+    others = [(k, n) for k, n in systems if k != "pd"] if systems[0][0] == "pd" else []
     curves: dict[tuple[str, str], list[float]] = {}
     for text, slo in zip(slos, parsed):
         click.echo(f"\nSLO {slo.describe()}: attainment (goodput, req/s)")
-        click.echo("| rate (req/s) | PD | colocated | goodput PD / colocated | p99 ITL PD / "
-                   "colocated |")
-        click.echo("| ---: | ---: | ---: | ---: | ---: |")
-        best = {s: None for s, _ in SYSTEMS}
+        header = ["rate (req/s)", *(n for _, n in systems),
+                  *(f"goodput PD / {n}" for _, n in others),
+                  *(f"p99 ITL PD / {n}" for _, n in others)]
+        click.echo("| " + " | ".join(header) + " |")
+        click.echo("|" + " ---: |" * len(header))
+        best: dict[str, float | None] = {k: None for k, _ in systems}
         for i in order:
             rep, rate = reports[i], rate_of[i]
-            (pa, pg), (ca, cg) = (attainment(rep, s, slo) for s, _ in SYSTEMS)
-            for s, a in (("pd", pa), ("colocated", ca)):
-                curves.setdefault((text, s), []).append(100 * a)
+            got = {k: attainment(rep, k, slo) for k, _ in systems}
+            for k, (a, _) in got.items():
+                curves.setdefault((text, k), []).append(100 * a)
                 if a >= target:
-                    best[s] = rate
-            itl = rep["pd"]["itl_ms"]["p99"] / rep["colocated"]["itl_ms"]["p99"]
-            ratio = f"{pg / cg:.2f}" if cg else "inf"
-            click.echo(f"| {rate:g} | {100 * pa:.1f}% ({pg:.3f}) | {100 * ca:.1f}% "
-                       f"({cg:.3f}) | {ratio} | {itl:.3f} |")
-        for s, name in SYSTEMS:
+                    best[k] = rate
+            cells = [f"{rate:g}", *(f"{100 * got[k][0]:.1f}% ({got[k][1]:.3f})"
+                                    for k, _ in systems)]
+            pg = got["pd"][1] if others else 0.0
+            cells += [f"{pg / got[k][1]:.2f}" if got[k][1] else "inf" for k, _ in others]
+            cells += [_itl_ratio(rep, k) for k, _ in others]
+            click.echo("| " + " | ".join(cells) + " |")
+        for k, name in systems:
             click.echo(f"{name}: highest tested rate with >= {100 * target:.0f}% attainment: "
-                       f"{best[s] if best[s] is not None else 'none'}")
+                       f"{best[k] if best[k] is not None else 'none'}")
     if plot:
-        _plot(plot, [rate_of[i] for i in order], slos, parsed, curves, target)
+        _plot(plot, [rate_of[i] for i in order], slos, parsed, curves, target, systems)
         click.echo(f"wrote {plot}")
 
 
-def _plot(path: str, rates: list[float], slos, parsed, curves, target: float) -> None:
+def _rate(result: dict) -> float:
+    return float(result["config"]["arrival"].split("rate ")[1].split(" ")[0])
+
+
+def _itl_ratio(report: dict, other: str) -> str:
+    a, b = report["pd"]["itl_ms"]["p99"], report[other]["itl_ms"]["p99"]
+    return f"{a / b:.3f}" if a is not None and b else "-"
+
+
+def _plot(path: str, rates: list[float], slos, parsed, curves, target: float,
+          systems) -> None:
     from fdpd.bench.plots import _pyplot, _save
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(slos), figsize=(4.5 * len(slos), 3), dpi=80,
                              squeeze=False)
     for ax, text, slo in zip(axes[0], slos, parsed):
-        for (system, label), color in zip(SYSTEMS, ("tab:blue", "tab:red")):
+        for (system, label), color in zip(systems, ("tab:blue", "tab:red", "tab:green")):
             ax.plot(rates, curves[(text, system)], "o-", color=color, label=label)
         ax.axhline(100 * target, color="gray", lw=0.8, ls="--")
         ax.set_title(slo.describe(), fontsize=8)

@@ -246,6 +246,37 @@ def export(name: str, directory: str) -> None:
     click.echo(f"wrote {name} to {directory}")
 
 
+@model.command("synth")
+@click.option("--out", "directory", required=True, type=click.Path(file_okay=False),
+              help="Directory to write (created; existing files are overwritten).")
+@click.option("--arch", type=click.Choice(["llama", "qwen2", "mistral"]), default="llama")
+@click.option("--hidden", default=512, help="Hidden size.")
+@click.option("--layers", default=8, help="Decoder layers.")
+@click.option("--heads", default=8, help="Attention heads.")
+@click.option("--kv-heads", default=2, help="KV heads (GQA).")
+@click.option("--vocab", default=32000, help="Vocabulary (the trained tokenizer has exactly "
+              "this many ids; at most 32000).")
+@click.option("--max-positions", default=8192, help="max_position_embeddings.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              default="float32", help="Stored weight dtype.")
+@click.option("--seed", default=0, help="Weights and tokenizer corpus seed.")
+def synth(directory, arch, hidden, layers, heads, kv_heads, vocab, max_positions, dtype, seed):
+    """Write a synthetic checkpoint + trained BPE tokenizer that fdpd and vLLM both load.
+
+    The directory `fdpd bench compare --model DIR` runs every system on, e.g.
+    `fdpd model synth --out models/llama-h512 --hidden 512 --layers 8`."""
+    from fdpd.model.synthetic import synthetic_config, write_model_dir
+
+    try:
+        cfg = synthetic_config(arch, hidden=hidden, layers=layers, vocab=vocab, heads=heads,
+                               kv_heads=kv_heads, max_positions=max_positions, dtype=dtype)
+        out = write_model_dir(directory, cfg, seed=seed)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {cfg.name} (hidden {hidden}, {layers} layers, vocab {vocab}, {dtype}) "
+               f"to {out}")
+
+
 class _LazyBenchGroup(click.Group):
     """Bench commands import heavy modules (transformers, plotting) only when run."""
 

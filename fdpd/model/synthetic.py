@@ -83,3 +83,16 @@ def write_synthetic_checkpoint(directory: str | Path, arch: str = "llama", hidde
     ``write_checkpoint``. Returns the directory."""
     return write_checkpoint(directory, synthetic_config(arch, hidden, layers, vocab, **kwargs),
                             seed=seed)
+
+
+def write_model_dir(directory: str | Path, cfg: ModelConfig, seed: int = 0) -> Path:
+    """A complete model directory: the checkpoint of ``cfg`` plus a BPE tokenizer of exactly
+    ``cfg.vocab_size`` ids trained for it, and a ``generation_config.json``: what fdpd, vLLM and
+    ``transformers`` all load (``fdpd model synth``)."""
+    from fdpd.model.synthetic_tokenizer import write_tokenizer
+
+    out = write_checkpoint(directory, cfg, seed=seed)
+    write_tokenizer(out, cfg.vocab_size, seed=seed)
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": BOS, "eos_token_id": EOS, "do_sample": False}, indent=2))
+    return out

@@ -174,7 +174,8 @@ class DecodeService(InstanceService):
                                      True, msg.finish_reason, msg.stop_reason,
                                      g.prompt_len - g.msg.num_output_tokens,
                                      msg.num_cached_tokens, timeline, msg.token_logprobs,
-                                     msg.prompt_logprobs))
+                                     msg.prompt_logprobs,
+                                     position=g.msg.num_output_tokens))
             self.send(g.reply_to, TransferResult(g.grant_id, g.req_id, True))
             return
         try:
@@ -196,9 +197,13 @@ class DecodeService(InstanceService):
         log.debug("adopted %s: KV of %d blocks in, decoding", req.request_id,
                   msg.num_kv_blocks, extra={"request_id": req.request_id})
         logprobs = req.output_logprobs[:1] or None
+        # The prefill has usually streamed this token already (first token early); sent again
+        # with its position, so the router drops whichever copy comes second and a lost early
+        # copy costs nothing.
         self.send(router, Tokens(req.request_id, [msg.first_token], logprobs, False, None, None,
                                  req.num_prompt_tokens, req.num_cached_tokens, None,
-                                 msg.token_logprobs, msg.prompt_logprobs))
+                                 msg.token_logprobs, msg.prompt_logprobs,
+                                 position=req.num_output_tokens - 1))
 
     def _transfer_seconds(self, g: GrantRecord, upstream: dict, arrived: float) -> float:
         """One-way KV transfer time without comparing clocks: the prefill's send time plus

@@ -128,12 +128,15 @@ def wire_shape(kv_cache: torch.Tensor, num_blocks: int) -> list[int]:
 def send_kv_blocks(send: Callable[[Message, list], None], kv_cache: torch.Tensor,
                    grant_id: str, req_id: str, block_ids: Sequence[int], first_index: int,
                    pool: StagingPool, max_message_bytes: int = MAX_MESSAGE_BYTES,
-                   trackers: list[zmq.MessageTracker] | None = None) -> int:
+                   trackers: list[zmq.MessageTracker] | None = None,
+                   copy: bool = False) -> int:
     """Send the KV of ``block_ids`` (grant-relative indices from ``first_index``) in messages
     of at most ``max_message_bytes``. Returns the bytes sent. The tracker of every frame that
     views ``kv_cache`` directly is appended to ``trackers`` as the frame is made (so a caller
     has them even if a later send raises): those blocks must not be written until all are
-    done."""
+    done. ``copy``: each CPU block is copied into a frame of its own instead (one memcpy, no
+    tracker): for blocks whose owner goes on computing and may be preempted or aborted,
+    and so freed and reused, before the send completes (chunks streamed during a prefill)."""
     trackers = [] if trackers is None else trackers
     per_block = kv_cache[0].numel() * kv_cache.element_size()
     step = max(1, max_message_bytes // per_block)
@@ -142,7 +145,9 @@ def send_kv_blocks(send: Callable[[Message, list], None], kv_cache: torch.Tensor
     sent = 0
     for i in range(0, len(block_ids), step):
         chunk = block_ids[i:i + step]
-        if on_cpu:
+        if on_cpu and copy:
+            frames = [bytes(to_frame(kv_cache[b])) for b in chunk]
+        elif on_cpu:
             frames = []
             for b in chunk:
                 frame = zmq.Frame(to_frame(kv_cache[b]), copy=False, track=True)
@@ -150,6 +155,7 @@ def send_kv_blocks(send: Callable[[Message, list], None], kv_cache: torch.Tensor
                 frames.append(frame)
         else:
             index = torch.tensor(chunk, dtype=torch.long, device=kv_cache.device)
+            # A fresh staging buffer per message: copy=True needs nothing more on a GPU.
             staged = pool.take(tuple(wire_shape(kv_cache, len(chunk))), kv_cache.dtype)
             # Gather on the device, lay out as the wire's [layers, 2, n, ...], then D2H once.
             staged.copy_(kv_cache.index_select(0, index).permute(1, 2, 0, 3, 4, 5))

@@ -226,7 +226,7 @@ class ReservationLedger:
     def receive(self, grant_id: str, first: int, count: int) -> list[int] | None:
         """KV for grant-relative blocks ``first..first+count-1`` arrived: the block ids to
         write it into, or None if the grant is unknown/expired or the range is invalid (the
-        KV is dropped and counted, never written)."""
+        KV is dropped and counted, never written). Renews the grant's lease."""
         g = self.grants.get(grant_id)
         if (g is None or g.state not in (GrantState.PENDING, GrantState.LOADING)
                 or first < g.cached_blocks or count < 1 or first + count > g.num_kv_blocks):
@@ -234,6 +234,10 @@ class ReservationLedger:
             return None
         g.state = GrantState.LOADING
         g.received.update(range(first, first + count))
+        # KV arriving is the prefill's proof of progress: the lease runs from the last of it.
+        # With chunks streamed during compute, a long prompt keeps its grant while it computes,
+        # and a prefill that stops (killed, frozen) still loses it one TTL after its last chunk.
+        g.expires_at = max(g.expires_at, self.clock() + self.grant_ttl)
         return g.block_ids[first:first + count]
 
     def commit(self, grant_id: str, num_blocks_sent: int) -> GrantRecord:

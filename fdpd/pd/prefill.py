@@ -2,11 +2,12 @@
 
 Per request: Submit (from the router) -> AllocRequest to the chosen decode, and the prompt is
 computed at once, without waiting for the grant. When both the grant and the first token are
-there, the KV of the blocks decode does not already hold goes out as zero-copy frames straight
-from the cache, then ``PrefillDone``; P's blocks are released (they stay in P's prefix cache)
-once libzmq has sent those frames (``Shipment``). Every wait has a deadline; a refusal from
-decode goes back to the router. A duplicated Submit or Grant acts once; a Submit that an Abort
-overtook starts nothing.
+there, the token goes to the router (``_stream_first_token``: the client's first token does
+not wait for the transfer), and the KV of the blocks decode does not already hold goes out as
+zero-copy frames straight from the cache, then ``PrefillDone``; P's blocks are released (they
+stay in P's prefix cache) once libzmq has sent those frames (``Shipment``). Every wait has a
+deadline; a refusal from decode goes back to the router. A duplicated Submit or Grant acts
+once; a Submit that an Abort overtook starts nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from fdpd.pd.protocol import (
     Reject,
     Submit,
     SubmitAck,
+    Tokens,
     TransferResult,
 )
 from fdpd.pd.service import InstanceService, RecentIds
@@ -49,6 +51,10 @@ class PrefillJob:
     result: StepOutput | None = None       # the step that sampled the first token
     computed_at: float = 0.0               # when the first token was sampled
     granted_at: float = 0.0                # when the grant arrived
+    # Grant-relative index of the first block not yet sent: blocks of finished chunks travel
+    # while the next chunk computes (``_stream_chunks``), so the last chunk ships only its own.
+    next_block: int = 0
+    streamed_blocks: int = 0               # of them, sent before the last chunk was computed
 
 
 @dataclass
@@ -78,7 +84,8 @@ class PrefillService(InstanceService):
         self.shipped = RecentIds()
         self.counters.update({"kv_bytes_sent": 0, "kv_blocks_sent": 0, "transfers": 0,
                               "transfer_failures": 0, "grant_timeouts": 0,
-                              "kv_sends_abandoned": 0})
+                              "kv_sends_abandoned": 0, "first_tokens_early": 0,
+                              "kv_blocks_streamed": 0})
 
     def on_submit(self, inbound: Inbound) -> None:
         msg: Submit = inbound.msg
@@ -130,6 +137,7 @@ class PrefillService(InstanceService):
             return
         job.grant = msg
         job.granted_at = inbound.received_at or time.monotonic()
+        job.next_block = msg.cached_blocks
         if job.result is not None:
             self._ship(job)
 
@@ -143,6 +151,31 @@ class PrefillService(InstanceService):
             self.metrics.ttft.observe(job.computed_at - job.req.arrival_time)
             if job.grant is not None:
                 self._ship(job)
+        if self.pd.stream_kv_chunks:
+            self._stream_chunks()
+
+    def _stream_chunks(self) -> None:
+        """Send the blocks that the chunks computed so far have filled, for every request
+        still computing that holds its grant: the transfer overlaps the next chunks'
+        compute. The decode keeps them LOADING until PrefillDone confirms the whole set."""
+        bm = self.engine.block_manager
+        for job in self.jobs.values():
+            req = job.req
+            if job.grant is None or job.result is not None or req.is_finished:
+                continue
+            # Full blocks only (a partial one is still being written), and never past the
+            # prompt's last KV block, the one _ship would send.
+            full = min(req.num_computed_tokens // bm.block_size,
+                       bm.blocks_for(req.num_tokens - 1))
+            if full <= job.next_block:
+                continue
+            blocks = bm.owned(req.request_id)[job.next_block:full]
+            if len(blocks) != full - job.next_block:
+                continue            # preempted here meanwhile: its blocks come back later
+            self._send_kv(job, blocks, None, job.next_block, copy=True)
+            job.streamed_blocks += len(blocks)
+            job.next_block = full
+            self.counters["kv_blocks_streamed"] += len(blocks)
 
     def _ship(self, job: PrefillJob) -> None:
         """Send the KV decode lacks, then PrefillDone; release our copy."""
@@ -154,13 +187,16 @@ class PrefillService(InstanceService):
         kv_blocks_sent = 0
         ship_start = time.monotonic()
         if out.finish_reason == "prefilled":
+            self._stream_first_token(job, token, logprob)
             owner = kv_owner(req)
             # Every token but the sampled one has KV (a resumed request: its old outputs too).
             num_kv = self.engine.block_manager.blocks_for(req.num_tokens - 1)
-            blocks = self.engine.block_manager.owned(owner)[grant.cached_blocks:num_kv]
+            first = max(grant.cached_blocks, job.next_block)
+            blocks = self.engine.block_manager.owned(owner)[first:num_kv]
             trackers: list = []
             try:
-                kv_blocks_sent = self._send_kv(job, blocks, trackers)
+                kv_blocks_sent = job.next_block - grant.cached_blocks
+                kv_blocks_sent += self._send_kv(job, blocks, trackers, first)
             finally:
                 # The frames are views of these blocks: they stay held (nobody can reuse and
                 # overwrite them) until libzmq has sent every frame, or gave up on the peer.
@@ -177,6 +213,25 @@ class PrefillService(InstanceService):
         self.counters["transfers"] += 1
         log.debug("shipped %s: %d KV blocks to %s", req.request_id, kv_blocks_sent,
                   job.decode_id, extra={"request_id": req.request_id})
+
+    def _stream_first_token(self, job: PrefillJob, token: int, logprob: float | None) -> None:
+        """The first token to the router now, ahead of the KV, the grant's commit and the
+        decode's next step (time to first token). Only once the grant is held: before it, the
+        decode may still refuse, and the router retries a request transparently only while
+        the client has no token. The decode sends the token again with the same position;
+        the router keeps one copy. Not for a request that asked for logprobs: its first
+        token's alternatives and the prompt's logprobs travel with the decode's copy, which
+        the router would then drop as a duplicate."""
+        req = job.req
+        params = req.sampling_params
+        if params.logprobs is not None or params.prompt_logprobs is not None:
+            return
+        self.send(job.router, Tokens(req.request_id, [token], None if logprob is None
+                                     or req.sampling_params.logprobs is None else [logprob],
+                                     False, None, None, req.num_prompt_tokens,
+                                     req.num_cached_tokens,
+                                     position=req.num_output_tokens - 1))
+        self.counters["first_tokens_early"] += 1
 
     def _timeline(self, job: PrefillJob, ship_start: float) -> dict:
         """This instance's phases of ``job`` (durations: D and the router have other clocks).
@@ -195,14 +250,17 @@ class PrefillService(InstanceService):
         self.metrics.kv_transfer.observe(kv_send)
         self.metrics.e2e.observe(now - req.arrival_time)
         self.metrics.observe_phases(phases)
+        # kv_send covers only what was left after the last chunk: the exposed transfer.
         return {"phases": phases, "kv_send": kv_send, "grant_hold": now - job.granted_at,
-                "prefill_instance": self.instance_id}
+                "prefill_instance": self.instance_id,
+                "kv_streamed_blocks": job.streamed_blocks}
 
-    def _send_kv(self, job: PrefillJob, blocks: list[int], trackers: list) -> int:
+    def _send_kv(self, job: PrefillJob, blocks: list[int], trackers: list | None,
+                 first_index: int, copy: bool = False) -> int:
         sent = kv_transfer.send_kv_blocks(
             lambda msg, frames: self.send(job.decode_address, msg, frames),
             self.engine.runner.kv_cache, job.grant.grant_id, job.req.request_id, blocks,
-            job.grant.cached_blocks, self.staging, trackers=trackers)
+            first_index, self.staging, trackers=trackers, copy=copy)
         self.counters["kv_bytes_sent"] += sent
         self.counters["kv_blocks_sent"] += len(blocks)
         return len(blocks)

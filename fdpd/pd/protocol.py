@@ -273,7 +273,8 @@ class GrantExpired(Message):
 
 @dataclass
 class Tokens(Message):
-    """decode/mixed -> router: new tokens of one request (and its end, with usage)."""
+    """decode/mixed -> router: new tokens of one request (and its end, with usage); prefill ->
+    router: the first token, ahead of its KV (the decode sends it again: see ``position``)."""
     TYPE: ClassVar[str] = "tokens"
     req_id: str
     token_ids: list
@@ -292,6 +293,9 @@ class Tokens(Message):
     # message: nil for the first prompt token, then one such list per prompt token.
     token_logprobs: list | None = None
     prompt_logprobs: list | None = None
+    # Index of token_ids[0] in the request's output (a resumed request's earlier tokens
+    # count), so the router drops a token it already has; -1: not given, append.
+    position: int = -1
 
 
 @dataclass

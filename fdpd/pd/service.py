@@ -269,12 +269,13 @@ class InstanceService:
         self.send(address, Reject(req_id, reason, retry_after, origin=self.instance_id,
                                   retryable=retryable))
 
-    def tokens_message(self, out: StepOutput, timeline: dict | None = None) -> Tokens:
+    def tokens_message(self, out: StepOutput, position: int,
+                       timeline: dict | None = None) -> Tokens:
         return Tokens(out.request_id, out.new_token_ids, out.new_logprobs, out.finished,
                       out.finish_reason, out.stop_reason, out.num_prompt_tokens,
                       out.num_cached_tokens, timeline,
                       logprobs_to_wire(out.new_token_logprobs),
-                      logprobs_to_wire(out.prompt_logprobs))
+                      logprobs_to_wire(out.prompt_logprobs), position)
 
     # ------------------------------------------------------------------ streaming tokens
     def stream_outputs(self, outputs: list[StepOutput]) -> None:
@@ -301,7 +302,8 @@ class InstanceService:
                 log.debug("finished %s (%s)", out.request_id, out.finish_reason,
                           extra={"request_id": out.request_id})
                 self.metrics.e2e.observe(now - s.started_at)
-            self.send(s.reply_to, self.tokens_message(out, timeline))
+            position = s.req.num_output_tokens - len(out.new_token_ids)
+            self.send(s.reply_to, self.tokens_message(out, position, timeline))
 
     def finish_timeline(self, s: Stream, now: float) -> dict:
         """The timeline of a request that finished here (role specific); observes the phases

@@ -84,6 +84,7 @@ class Inflight:
     decode: Instance | None            # the decode, or the mixed instance
     prompt_tokens: int
     streamed: bool = False
+    decoding: bool = False             # tokens came from the decode (the prefill's job is done)
     acked: bool = False
     dispatched_at: float = field(default_factory=time.monotonic)
 
@@ -229,6 +230,7 @@ class RouterCore:
         generated: list[int] = []
         usage: tuple[int, int] | None = None       # (prompt, cached) of the first attempt
         attempt = dispatches = migrations = 0
+        decoded = False         # some decode streamed (not only a prefill's early first token)
         while attempt < self.max_attempts:
             if attempt and not generated:
                 self.stats.retries += 1
@@ -284,7 +286,7 @@ class RouterCore:
                                  len(generated), event.reason, extra={"request_id": request_id})
                         break
                     if isinstance(event, Failure):
-                        if flight.streamed:
+                        if flight.streamed and not resumes_after_early_token(flight, event):
                             raise StreamBroken(f"request failed mid-stream: {event.reason}")
                         if event.final and generated:
                             raise StreamBroken(f"resumed request refused: {event.reason}")
@@ -295,6 +297,8 @@ class RouterCore:
                         if event.origin:
                             excluded.add(event.origin)
                         break
+                    if not keep_new_tokens(event, len(generated)):
+                        continue
                     flight.streamed = True
                     if usage is None:
                         usage = (event.num_prompt_tokens, event.num_cached_tokens)
@@ -315,14 +319,17 @@ class RouterCore:
                     if finished:
                         return
             finally:
+                decoded = decoded or flight.decoding
                 self._end(flight, abort=not finished)
             if not self._can_route(excluded):
                 break                 # nobody left to try: answer now, not after a back-off
             if last is not None and last.retry_after and time.monotonic() < deadline:
                 await asyncio.sleep(min(last.retry_after, max(0.0, deadline - time.monotonic())))
         self.stats.failures[_kind(last.reason)] += 1
-        if generated:
+        if generated and decoded:
             raise StreamBroken(f"could not resume the request: {last.reason}")
+        # Only an early first token was produced: the request failed in its transfer, as
+        # before the token went out early, and gets the same status (a stream: an error event).
         raise RouterError(503, "unavailable", f"request failed after {attempt} "
                           f"attempt{'s' if attempt != 1 else ''}: {last.reason}",
                           retry_after=max(1.0, last.retry_after))
@@ -405,6 +412,7 @@ class RouterCore:
         if isinstance(msg, Tokens):
             flight = self.inflight.get(msg.req_id)
             if flight is not None:
+                flight.decoding = flight.decoding or env.src == flight.decode.instance_id
                 flight.queue.put_nowait(TokenDelta.from_tokens(msg))
         elif isinstance(msg, Heartbeat):
             if not self.registry.heartbeat(env.src, env.epoch, msg.load):
@@ -479,10 +487,10 @@ class RouterCore:
                 self._instance_lost(inst, f"instance {inst.instance_id} died")
 
     def _instance_lost(self, inst: Instance, reason: str) -> None:
-        """Fail every attempt ``inst`` holds state for (a prefill only until the first
-        token: after that the decode has the request)."""
+        """Fail every attempt ``inst`` holds state for (a prefill until the decode streams:
+        its early first token does not mean the KV reached the decode)."""
         for flight in list(self.inflight.values()):
-            if flight.decode is inst or (flight.prefill is inst and not flight.streamed):
+            if flight.decode is inst or (flight.prefill is inst and not flight.decoding):
                 flight.queue.put_nowait(Failure(reason, inst.instance_id))
 
     def _fail_unacknowledged(self, now: float) -> None:
@@ -524,6 +532,33 @@ class RouterCore:
     def metrics_collector(self) -> ClusterCollector:
         """The cluster view on the router's ``/metrics`` (``fdpd.router.cluster_metrics``)."""
         return ClusterCollector(self)
+
+
+def resumes_after_early_token(flight: Inflight, failure: Failure) -> bool:
+    """A PD attempt that failed after only the prefill's early first token (the decode never
+    streamed: a lost grant, KV or PrefillDone, an expired lease, a dead instance) goes on
+    elsewhere from prompt + the tokens the client has, like a drained request: before the
+    first token early, this failure was a transparent retry, and it must stay one."""
+    return flight.prefill is not None and not flight.decoding and not failure.final
+
+
+def keep_new_tokens(event: TokenDelta, have: int) -> bool:
+    """The first token reaches the router twice, early from the prefill and again from the
+    decode, in either order: trim from ``event`` the tokens the client already has (``have``
+    of them). False when nothing is left to deliver. Raises StreamBroken on a gap (a lost
+    message): a stream with a token missing is never delivered."""
+    if event.position < 0:
+        return True
+    skip = have - event.position
+    if skip < 0:
+        raise StreamBroken(f"tokens {have}..{event.position - 1} of the output never arrived")
+    if skip:
+        del event.token_ids[:skip]
+        if event.logprobs:
+            del event.logprobs[:skip]
+        if event.token_logprobs:
+            del event.token_logprobs[:skip]
+    return bool(event.token_ids) or event.finished
 
 
 def _kind(reason: str) -> str:

@@ -36,9 +36,11 @@ class TokenDelta:
     # each new token's rank and top alternatives, and once, the prompt's logprobs.
     token_logprobs: list | None = None
     prompt_logprobs: list | None = None
+    position: int = -1                 # Tokens.position: index of token_ids[0] in the output
 
     @classmethod
     def from_tokens(cls, msg: Tokens) -> TokenDelta:
         return cls(list(msg.token_ids), msg.logprobs, msg.finished, msg.finish_reason,
                    msg.stop_reason, msg.num_prompt_tokens, msg.num_cached_tokens, msg.timeline,
-                   token_logprobs=msg.token_logprobs, prompt_logprobs=msg.prompt_logprobs)
+                   token_logprobs=msg.token_logprobs, prompt_logprobs=msg.prompt_logprobs,
+                   position=msg.position)

@@ -165,6 +165,22 @@ def test_lease_expiry_frees_blocks_and_drops_late_kv(setup):
         ledger.commit(g.grant_id, 2)
 
 
+def test_kv_arriving_renews_the_lease(setup):
+    """Chunks streamed during a long prefill keep its grant alive; one TTL after the last
+    chunk the lease ends (a prefill that stopped between chunks)."""
+    ledger, sched, bm, clock = setup
+    g = offer(ledger, alloc("A", range(40), 4))
+    for k in range(3):                              # a chunk every 4 s: 12 s > one TTL
+        clock.now += 4.0
+        assert ledger.expire() == []
+        assert ledger.receive(g.grant_id, k, 1) == [g.block_ids[k]]
+    clock.now += 4.9
+    assert ledger.expire() == []
+    clock.now += 0.2
+    assert [e.grant_id for e in ledger.expire()] == [g.grant_id]
+    assert bm.num_free_blocks == 20 and ledger.is_quiescent()
+
+
 def test_commit_requires_every_block(setup):
     ledger, sched, bm, clock = setup
     g = offer(ledger, alloc("A", range(10), 4))              # 3 prompt blocks expected
