@@ -158,6 +158,11 @@ class PDConfig:
     request_body_timeout: float = _opt(30.0, "Router: seconds a client may take to send a "
                                        "request body; a slower one gets 408 and gives its "
                                        "admission seat back.")
+    max_resumes: int = _opt(2, "Router: times a request whose stream broke mid-way (its "
+                            "decode died, dropped its connection, stopped heartbeating or "
+                            "restarted) is resumed on another instance from prompt + the "
+                            "tokens already sent; past it the stream ends with an error. 0 = "
+                            "never (graceful drains are always resumed).")
     max_queued_requests: int = _opt(256, "Most requests queued on an instance: prefill: not "
                                     "yet prefilled; mixed: waiting to start; decode: grant "
                                     "requests waiting for room. Past it a new one is refused "
@@ -173,6 +178,10 @@ class PDConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(name, f"must be a positive number of seconds, got {value!r}")
+        if (not isinstance(self.max_resumes, int) or isinstance(self.max_resumes, bool)
+                or self.max_resumes < 0):
+            raise ConfigError("max_resumes", f"must be an integer >= 0, got "
+                              f"{self.max_resumes!r}")
         for name in ("max_inflight_requests", "max_request_body_bytes", "max_queued_requests"):
             value = getattr(self, name)
             if value is None and name == "max_request_body_bytes":

@@ -26,6 +26,12 @@ decode_queue    PrefillDone reached D -> the first decode step
 decode          decoding, minus time preempted and restoring
 preempted       off the running set after preemptions, waiting to be readmitted
 restore         loading preempted KV back from the KV store
+resumed         a resumed request (its stream moved to another instance after a drain or a
+                lost instance, ``fdpd.router.resume``): from the last token before each move
+                to the re-dispatch; its ``router_queue`` then ends at the first dispatch, and
+                the entry's ``resumes`` lists each move (reason, instance, tokens so far,
+                detect_seconds: last token -> loss noticed, stall_seconds: last token -> first
+                resumed token)
 ==============  ================================================================================
 
 ``unaccounted_seconds`` is the end-to-end time no phase covers: messages in flight between
@@ -43,7 +49,7 @@ from fdpd.metrics import Registry
 from fdpd.pd.instance_metrics import PHASE_BUCKETS
 
 PHASES = ("router_queue", "prefill_queue", "prefill", "grant_wait", "kv_transfer",
-          "decode_queue", "decode", "preempted", "restore")
+          "decode_queue", "decode", "preempted", "restore", "resumed")
 request_log = logging.getLogger("fdpd.requests")
 
 
