@@ -245,8 +245,14 @@ class InstanceConfig:
                              "/metrics and /health endpoint on --host; 0 = any free port "
                              "(printed in the ready line and shown in /v1/cluster), "
                              "-1 = off.")
+    restart_count: int = _opt(0, "Set by a supervisor (`fdpd up`, scripts/cluster-start) "
+                              "when it restarts this process after it exited unexpectedly: "
+                              "the times it did so, shown in /v1/cluster as `restarts`.")
 
     def __post_init__(self) -> None:
+        if not isinstance(self.restart_count, int) or self.restart_count < 0:
+            raise ConfigError("restart_count", f"must be an integer >= 0, got "
+                              f"{self.restart_count!r}")
         if self.role not in ROLES:
             raise ConfigError("role", f"must be one of {', '.join(ROLES)}, got {self.role!r}")
         if not isinstance(self.port, int) or not 0 <= self.port < 65536:
