@@ -57,6 +57,11 @@ class EngineConfig:
                                    "counts as a miss.")
     kv_store_write_finished: bool = _opt(False, "Also write finished requests' KV to the store "
                                          "(reuse by the next turn of a chat on any instance).")
+    kv_store_checkpoint: bool = _opt(False, "Decode: write each running request's KV blocks "
+                                     "to the store as they fill, so that a request whose "
+                                     "decode dies resumes elsewhere by restoring its KV "
+                                     "instead of recomputing it (every generated block is "
+                                     "written once: store bandwidth).")
     cost_model: str | None = _opt(None, "Benchmark the control plane without model compute: "
                                   "'PREFILL_US_PER_TOKEN,DECODE_MS_PER_STEP[,DECODE_MS_PER_SEQ]' "
                                   "replaces each forward pass by a sleep of that cost (weights "
