@@ -7,6 +7,7 @@ rest of the cluster keeps serving meanwhile; the router resumes the streams the 
 (``fdpd.router.resume``).
 
 - Back-off: 1 s before the first restart in the window, then 2, 4, ... up to ``backoff_cap``.
+- A child that exits with code 2 (a bad flag or configuration value) is not restarted.
 - At most ``max_restarts`` restarts of one child within ``window`` seconds; past that it is
   left stopped and logged (a crash loop that restarting does not fix). When that child is the
   router, nothing can serve: the whole cluster stops with exit code 1.
@@ -32,6 +33,8 @@ from typing import IO
 log = logging.getLogger(__name__)
 
 BACKOFF_CAP = 30.0
+# What `fdpd launch` exits with on a bad flag or config value: restarting cannot fix it.
+USAGE_ERROR = 2
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,11 @@ class Supervisor:
         while child.recent and now - child.recent[0] > self.window:
             child.recent.popleft()
         how = f"signal {-code}" if code < 0 else f"code {code}"
+        if code == USAGE_ERROR:
+            child.given_up = True
+            log.error("%s exited with code %d, a usage or configuration error (its log says "
+                      "which): not restarted", child.spec.name, code)
+            return
         if len(child.recent) >= self.max_restarts:
             child.given_up = True
             log.error("%s exited (%s); restarted %d times in the last %.0f s already "
@@ -157,3 +165,52 @@ def terminate(children: Sequence[subprocess.Popen], timeout: float = 10.0) -> No
         except subprocess.TimeoutExpired:
             c.kill()
             c.wait()
+
+
+# ---------------------------------------------------------------------- one process
+def supervise_one(argv: Sequence[str], name: str, max_restarts: int, window: float) -> int:
+    """Run ``argv`` and restart it when it exits (``scripts/cluster-start``: one supervisor
+    per process, in the process's own process group). A signal (SIGTERM, SIGINT) stops the
+    restarting only: it is meant for the group (``scripts/cluster-stop`` signals the group),
+    so the child got it too and drains on its own; a second one here would stop it at once.
+    Exits with the child's last exit code (1 when it was given up on)."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    sup = Supervisor([ChildSpec(name, name.split("-")[0], list(argv))],
+                     max_restarts=max_restarts, window=window)
+    child = sup.children[0]
+    sup.start_all()
+    while not stop.is_set():
+        sup.tick(time.monotonic())
+        if child.given_up:
+            return 1
+        stop.wait(0.2)
+    if child.proc is not None:
+        return child.proc.wait()
+    return 0
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fdpd.supervisor",
+        description="Run one fdpd process and restart it when it exits unexpectedly "
+        "(back-off 1, 2, 4 ... s up to 30 s), as scripts/cluster-start does for each.")
+    parser.add_argument("--name", required=True, help="the process's name in the logs")
+    parser.add_argument("--max-restarts", type=int, default=5,
+                        help="restarts within --restart-window before giving up")
+    parser.add_argument("--restart-window", type=float, default=60.0)
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ...")
+    ns = parser.parse_args(args)
+    command = ns.command[1:] if ns.command[:1] == ["--"] else ns.command
+    if not command or ns.max_restarts < 0 or not ns.restart_window > 0:
+        parser.error("give -- COMMAND, --max-restarts >= 0 and --restart-window > 0")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)-7s {ns.name} "
+                        "supervisor: %(message)s")
+    return supervise_one(command, ns.name, ns.max_restarts, ns.restart_window)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
