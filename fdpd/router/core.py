@@ -5,10 +5,10 @@ hands every inbound message to the loop with ``call_soon_threadsafe``; everythin
 single-threaded on the loop, so no locks.
 
 A request is retried on another (P, D) pair when it fails before its first token reached the
-client: a Reject, an expired grant, a failed transfer, or an instance that stopped
-heartbeating. After the first token it cannot be retried (the client saw output), so the stream
-ends with an error. Whatever way a request ends, any instance that may still hold state for it
-gets an ``Abort``; the instances' handlers are idempotent.
+client: a Reject, an expired grant, a failed transfer, or a lost instance. After that, a lost
+or drained decode's streams are resumed elsewhere from prompt + the tokens sent
+(``fdpd.router.resume``). However a request ends, any instance that may still hold state for
+it gets an ``Abort``; the instances' handlers are idempotent.
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fdpd.config import PDConfig, advertised_address
-from fdpd.metrics import Registry as MetricRegistry
 from fdpd.model.tokenizer import Tokenizer
-from fdpd.pd.load_metrics import render_loads
 from fdpd.pd.protocol import (
     Abort,
     Error,
@@ -42,6 +40,7 @@ from fdpd.pd.protocol import (
 from fdpd.pd.transport import Inbound, Transport
 from fdpd.router import policy
 from fdpd.router.admission import BODY_BYTES_PER_TOKEN, MIN_BODY_BYTES, Admission
+from fdpd.router.cluster_metrics import render_cluster_metrics
 from fdpd.router.liveness import ConnectionWatch
 from fdpd.router.registry import Instance, Registry
 from fdpd.router.resume import Resumes
@@ -273,7 +272,7 @@ class RouterCore:
                         return
             finally:
                 self._end(flight, abort=not finished)
-            if not self._can_route(excluded):
+            if not self._can_route(excluded) and not (generated and self._forgive(excluded)):
                 break                 # nobody left to try: answer now, not after a back-off
             if last is not None and last.retry_after and time.monotonic() < deadline:
                 await asyncio.sleep(min(last.retry_after, max(0.0, deadline - time.monotonic())))
@@ -339,6 +338,14 @@ class RouterCore:
                      flight.decode.instance_id, dispatches, flight.dispatched_at,
                      first_dispatch, tuple(r.view() for r in resumes.records),
                      resumes.stalled_seconds())
+
+    def _forgive(self, excluded: set[str]) -> bool:
+        """A stream that broke mid-way is worth its deadline: when every instance has been
+        tried, the live ones that only refused it (full, slow to answer: the survivors of a
+        lost instance take its whole load at once) are tried again. Whether any is left."""
+        live = {i.instance_id for i in self.registry.instances.values() if i.healthy}
+        excluded.difference_update(live)
+        return self._can_route(excluded)
 
     def _can_route(self, excluded: set[str]) -> bool:
         """Whether some (prefill, decode) pair or mixed instance outside ``excluded`` is
@@ -548,51 +555,16 @@ class RouterCore:
                            else 0,
                            "admission": self.admission.view(),
                            "authenticated": self.pd.cluster_key is not None,
-                           "transport": self._transport_view()},
+                           "transport": self.transport_view()},
                 "instances": [i.view() for i in self.registry.instances.values()]}
 
-    def _transport_view(self) -> dict[str, int]:
+    def transport_view(self) -> dict[str, int]:
         return self.transport.stats.view() if self.transport else {}
 
     def metrics(self) -> str:
-        """The cluster view as Prometheus text: every instance's load report from its last
-        heartbeat (labelled by instance and role, see ``fdpd.pd.load_metrics``) and the
-        router's own counters."""
-        reg = MetricRegistry()
-        labels = ("instance", "role")
-        healthy = reg.gauge("fdpd:instance_healthy", "1 while the instance heartbeats.", labels)
-        loads = []
-        for inst in self.registry.instances.values():
-            who = {"instance": inst.instance_id, "role": inst.role}
-            healthy.set(int(inst.healthy), **who)
-            loads.append((who, inst.load))
-        # The router's own transport counters, beside the instances' (same series).
-        loads.append(({"instance": "router", "role": "router"},
-                      {"transport": self._transport_view()}))
-        render_loads(reg, loads, labels, summaries=True)
-        routed = reg.counter("fdpd:router_requests_total", "Requests dispatched, by mode.",
-                             ("mode",))
-        for mode, n in self.stats.requests.items():
-            routed.inc(n, mode=mode)
-        reg.counter("fdpd:router_retries_total", "Requests retried on another pair.").inc(
-            self.stats.retries)
-        reg.counter("fdpd:router_migrations_total", "Requests resumed on another instance "
-                    "after theirs drained.").inc(self.stats.migrations)
-        resumes = reg.counter("fdpd:request_resumes_total", "Streams resumed on another "
-                              "instance from prompt + the tokens already sent, by why the "
-                              "last one lost them (drained, disconnected, instance_died, "
-                              "restarted, grant_expired, ...).", ("reason",))
-        for reason, n in self.stats.resumes.items():
-            resumes.inc(n, reason=reason)
-        reg.counter("fdpd:router_instance_deaths_total", "Instances marked dead.").inc(
-            self.stats.instance_deaths)
-        reg.gauge("fdpd:router_requests_inflight", "Requests the router is waiting on.").set(
-            len(self.inflight))
-        reg.gauge("fdpd:router_requests_held", "Generation requests holding an admission seat "
-                  "(--max-inflight-requests).").set(self.admission.held)
-        reg.counter("fdpd:router_requests_refused_total", "Generation requests answered 429: "
-                    "no admission seat free.").inc(self.admission.refused)
-        return reg.render()
+        """The cluster view and the router's counters as Prometheus text
+        (``fdpd.router.cluster_metrics``)."""
+        return render_cluster_metrics(self)
 
 
 def _kind(reason: str) -> str:
