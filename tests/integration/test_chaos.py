@@ -60,7 +60,7 @@ def check(runner: ChaosRunner, sc: Scenario, *, chosen: bool):
     return res
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(150)      # the first one also computes the offline reference
 @pytest.mark.parametrize("sc", CHOSEN, ids=lambda sc: sc.kind.replace(" ", "-"))
 def test_chosen_scenario(runner, sc):
     res = check(runner, sc, chosen=True)
