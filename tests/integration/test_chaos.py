@@ -96,17 +96,24 @@ def test_the_report_keeps_its_notes(tmp_path):
 
     path = tmp_path / "RELIABILITY.md"
     path.write_text(f"old table\n{NOTES_MARKER}\n## Bugs found\n- one\n")
-    ok = RunResult(random_scenario(1), applied=True, sent=10, exact=8, clean_errors=2,
-                   survivors_serve=True, rejoined=True)
+    ok = RunResult(Scenario("router", "kill", "delay", seed=1), applied=True, sent=10,
+                   exact=8, clean_errors=2, survivors_serve=True, rejoined=True)
     bad = RunResult(random_scenario(2), sent=5, exact=4, hung=1, survivors_serve=True,
                     problems=["request 3 hung"])
-    write_report([ok, bad], path, command="scripts/chaos --runs 2", base_seed=1,
+    # A decode was killed and another survived: a client-visible error fails the run.
+    seen = RunResult(Scenario("decode", "kill", "tokens", 100, seed=3), applied=True, sent=4,
+                     exact=3, clean_errors=1, survivors_serve=True, rejoined=True,
+                     resume_gaps=[0.5, 0.7], resume_detects=[0.3, 0.4])
+    assert ok.passed and not seen.passed
+    write_report([ok, bad, seen], path, command="scripts/chaos --runs 3", base_seed=1,
                  date="2026-11-21", machine="2-core CPU VM", wall_seconds=60)
     text = path.read_text()
     assert "old table" not in text and text.endswith(f"{NOTES_MARKER}\n## Bugs found\n- one\n")
     total = next(line for line in text.splitlines() if line.startswith("| **total**"))
-    assert total == "| **total** | 2 | 1 | 15 | 12 | 2 | 1 | 0 | 0 | 0 | 2/2 | 1/1 |"
-    assert "Runs passed: 1 of 2" in text and "seed 2:" in text and "request 3 hung" in text
+    assert total == "| **total** | 3 | 2 | 19 | 15 | 3 | 2 | 1 | 0 | 0 | 0 | 3/3 | 2/2 |"
+    assert "Runs passed: 1 of 3" in text and "seed 2:" in text and "request 3 hung" in text
+    assert "client-visible errors in them: 1" in text
+    assert "p50 0.700 s, p99 0.700 s" in text and "p50 0.400 s" in text
 
 
 # ---------------------------------------------------------------------- bugs the suite found

@@ -34,6 +34,8 @@ class RunResult:
     problems: list[str] = field(default_factory=list)
     # Seconds from the fault to the first token of each stream the router resumed.
     resume_gaps: list[float] = field(default_factory=list)
+    # Seconds from a resumed stream's last token to the router noticing the loss.
+    resume_detects: list[float] = field(default_factory=list)
 
     @property
     def errors_must_be_hidden(self) -> bool:

@@ -195,7 +195,7 @@ class ChaosRunner:
             host.env = {**host.env, **clean_env}          # spent: later restarts are clean
         self._classify(sc, res, outcomes, started)
         if res.applied and sc.target != "router":
-            res.resume_gaps = self._resume_gaps(outcomes, fault_at)
+            res.resume_gaps, res.resume_detects = self._resume_gaps(outcomes, fault_at)
         mark("exact")
         self._check_quiescent(res)
         mark("quiesce")
@@ -344,21 +344,25 @@ class ChaosRunner:
                     res.problems.append(f"request {i}: logprobs not finite or not the "
                                         f"offline engine's: {got[:4]}... vs {logprobs[:4]}...")
 
-    def _resume_gaps(self, outcomes: list[Outcome], fault_at: float) -> list[float]:
-        """Fault -> first token after it, for each stream the router resumed elsewhere (from
-        its request timelines: ``resumes``)."""
+    def _resume_gaps(self, outcomes: list[Outcome], fault_at: float
+                     ) -> tuple[list[float], list[float]]:
+        """For each stream the router resumed elsewhere (its request timeline's ``resumes``):
+        fault -> the first token after it (client clock), and the router's last token ->
+        loss noticed (``detect_seconds``)."""
         recent = self.cluster.client().get("/v1/requests/recent",
                                            params={"limit": 1000}).json()["data"]
-        resumed = {t["request_id"] for t in recent if t.get("resumes")}
-        gaps = []
+        resumed = {t["request_id"]: t["resumes"] for t in recent if t.get("resumes")}
+        gaps, detects = [], []
         for o in outcomes:
             r = o.result
-            if r is None or not r.events or r.events[0].get("id") not in resumed:
+            moves = resumed.get(r.events[0].get("id")) if r is not None and r.events else None
+            if not moves:
                 continue
+            detects += [m["detect_seconds"] for m in moves if m.get("detect_seconds") is not None]
             after = [t for t in o.event_times if t > fault_at]
             if after and any(t <= fault_at for t in o.event_times):
                 gaps.append(after[0] - fault_at)
-        return gaps
+        return gaps, detects
 
     def _check_quiescent(self, res: RunResult) -> None:
         """Every live instance idle: nothing running or queued, every block free, no grant or
