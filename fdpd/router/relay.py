@@ -21,7 +21,7 @@ import anyio
 from fdpd.outputs import TextStream
 from fdpd.router.core import Route, RouterError, StreamBroken, TokenDelta
 from fdpd.router.http_metrics import RouterMetrics
-from fdpd.router.timeline import upstream_phases
+from fdpd.router.timeline import RESUMED, upstream_phases
 from fdpd.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def _route_phases(phases: dict[str, float], route: Route, arrival: float) -> Non
     the serving attempt's phases come from its instances, the lost attempts' are unaccounted."""
     if route.resumes:
         phases["router_queue"] = max(0.0, route.first_dispatched_at - arrival)
-        phases["resumed"] = route.resumed_seconds
+        phases[RESUMED] = route.resumed_seconds
     else:
         phases["router_queue"] = max(0.0, route.dispatched_at - arrival)
 

@@ -49,7 +49,10 @@ from fdpd.metrics import Registry
 from fdpd.pd.instance_metrics import PHASE_BUCKETS
 
 PHASES = ("router_queue", "prefill_queue", "prefill", "grant_wait", "kv_transfer",
-          "decode_queue", "decode", "preempted", "restore", "resumed")
+          "decode_queue", "decode", "preempted", "restore")
+# The router's own, only for a request that moved to another instance (fdpd.router.resume);
+# never reported by an instance.
+RESUMED = "resumed"
 request_log = logging.getLogger("fdpd.requests")
 
 
@@ -58,7 +61,7 @@ class RequestTimelines:
         self.capacity = capacity
         self.phase = registry.histogram(
             "fdpd:request_phase_seconds",
-            "Seconds requests spent in each phase: " + ", ".join(PHASES) + ".",
+            "Seconds requests spent in each phase: " + ", ".join((*PHASES, RESUMED)) + ".",
             ("phase",), buckets=PHASE_BUCKETS)
         self._recent: OrderedDict[str, dict] = OrderedDict()
         self._lock = threading.Lock()
