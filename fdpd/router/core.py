@@ -22,7 +22,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fdpd.config import PDConfig, advertised_address
+from fdpd.metrics import Registry as MetricRegistry
 from fdpd.model.tokenizer import Tokenizer
+from fdpd.pd.load_metrics import render_loads
 from fdpd.pd.protocol import (
     Abort,
     Error,
@@ -40,7 +42,6 @@ from fdpd.pd.protocol import (
 from fdpd.pd.transport import Inbound, Transport
 from fdpd.router import policy
 from fdpd.router.admission import BODY_BYTES_PER_TOKEN, MIN_BODY_BYTES, Admission
-from fdpd.router.cluster_metrics import render_cluster_metrics
 from fdpd.router.liveness import ConnectionWatch
 from fdpd.router.registry import Instance, Registry
 from fdpd.router.resume import Resumes
@@ -555,16 +556,51 @@ class RouterCore:
                            else 0,
                            "admission": self.admission.view(),
                            "authenticated": self.pd.cluster_key is not None,
-                           "transport": self.transport_view()},
+                           "transport": self._transport_view()},
                 "instances": [i.view() for i in self.registry.instances.values()]}
 
-    def transport_view(self) -> dict[str, int]:
+    def _transport_view(self) -> dict[str, int]:
         return self.transport.stats.view() if self.transport else {}
 
     def metrics(self) -> str:
-        """The cluster view and the router's counters as Prometheus text
-        (``fdpd.router.cluster_metrics``)."""
-        return render_cluster_metrics(self)
+        """The cluster view as Prometheus text: every instance's load report from its last
+        heartbeat (labelled by instance and role, see ``fdpd.pd.load_metrics``) and the
+        router's own counters."""
+        reg = MetricRegistry()
+        labels = ("instance", "role")
+        healthy = reg.gauge("fdpd:instance_healthy", "1 while the instance heartbeats.", labels)
+        loads = []
+        for inst in self.registry.instances.values():
+            who = {"instance": inst.instance_id, "role": inst.role}
+            healthy.set(int(inst.healthy), **who)
+            loads.append((who, inst.load))
+        # The router's own transport counters, beside the instances' (same series).
+        loads.append(({"instance": "router", "role": "router"},
+                      {"transport": self._transport_view()}))
+        render_loads(reg, loads, labels, summaries=True)
+        routed = reg.counter("fdpd:router_requests_total", "Requests dispatched, by mode.",
+                             ("mode",))
+        for mode, n in self.stats.requests.items():
+            routed.inc(n, mode=mode)
+        reg.counter("fdpd:router_retries_total", "Requests retried on another pair.").inc(
+            self.stats.retries)
+        reg.counter("fdpd:router_migrations_total", "Requests resumed on another instance "
+                    "after theirs drained.").inc(self.stats.migrations)
+        resumes = reg.counter("fdpd:request_resumes_total", "Streams resumed on another "
+                              "instance from prompt + the tokens already sent, by why the "
+                              "last one lost them (drained, disconnected, instance_died, "
+                              "restarted, grant_expired, ...).", ("reason",))
+        for reason, n in self.stats.resumes.items():
+            resumes.inc(n, reason=reason)
+        reg.counter("fdpd:router_instance_deaths_total", "Instances marked dead.").inc(
+            self.stats.instance_deaths)
+        reg.gauge("fdpd:router_requests_inflight", "Requests the router is waiting on.").set(
+            len(self.inflight))
+        reg.gauge("fdpd:router_requests_held", "Generation requests holding an admission seat "
+                  "(--max-inflight-requests).").set(self.admission.held)
+        reg.counter("fdpd:router_requests_refused_total", "Generation requests answered 429: "
+                    "no admission seat free.").inc(self.admission.refused)
+        return reg.render()
 
 
 def _kind(reason: str) -> str:
