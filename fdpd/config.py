@@ -65,6 +65,11 @@ class EngineConfig:
                                    "counts as a miss.")
     kv_store_write_finished: bool = _opt(False, "Also write finished requests' KV to the store "
                                          "(reuse by the next turn of a chat on any instance).")
+    kv_store_checkpoint: bool = _opt(False, "Decode: write each running request's KV blocks "
+                                     "to the store as they fill, so that a request whose "
+                                     "decode dies resumes elsewhere by restoring its KV "
+                                     "instead of recomputing it (every generated block is "
+                                     "written once: store bandwidth).")
     cost_model: str | None = _opt(None, "Benchmark the control plane without model compute: "
                                   "'PREFILL_US_PER_TOKEN,DECODE_MS_PER_STEP[,DECODE_MS_PER_SEQ]' "
                                   "replaces each forward pass by a sleep of that cost (weights "
@@ -171,6 +176,11 @@ class PDConfig:
     request_body_timeout: float = _opt(30.0, "Router: seconds a client may take to send a "
                                        "request body; a slower one gets 408 and gives its "
                                        "admission seat back.")
+    max_resumes: int = _opt(2, "Router: times a request whose stream broke mid-way (its "
+                            "decode died, dropped its connection, stopped heartbeating or "
+                            "restarted) is resumed on another instance from prompt + the "
+                            "tokens already sent; past it the stream ends with an error. 0 = "
+                            "never (graceful drains are always resumed).")
     max_queued_requests: int = _opt(256, "Most requests queued on an instance: prefill: not "
                                     "yet prefilled; mixed: waiting to start; decode: grant "
                                     "requests waiting for room. Past it a new one is refused "
@@ -186,6 +196,10 @@ class PDConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(name, f"must be a positive number of seconds, got {value!r}")
+        if (not isinstance(self.max_resumes, int) or isinstance(self.max_resumes, bool)
+                or self.max_resumes < 0):
+            raise ConfigError("max_resumes", f"must be an integer >= 0, got "
+                              f"{self.max_resumes!r}")
         for name in ("max_inflight_requests", "max_request_body_bytes", "max_queued_requests"):
             value = getattr(self, name)
             if value is None and name == "max_request_body_bytes":
@@ -249,8 +263,14 @@ class InstanceConfig:
                              "/metrics and /health endpoint on --host; 0 = any free port "
                              "(printed in the ready line and shown in /v1/cluster), "
                              "-1 = off.")
+    restart_count: int = _opt(0, "Set by a supervisor (`fdpd up`, scripts/cluster-start) "
+                              "when it restarts this process after it exited unexpectedly: "
+                              "the times it did so, shown in /v1/cluster as `restarts`.")
 
     def __post_init__(self) -> None:
+        if not isinstance(self.restart_count, int) or self.restart_count < 0:
+            raise ConfigError("restart_count", f"must be an integer >= 0, got "
+                              f"{self.restart_count!r}")
         if self.role not in ROLES:
             raise ConfigError("role", f"must be one of {', '.join(ROLES)}, got {self.role!r}")
         if not isinstance(self.port, int) or not 0 <= self.port < 65536:

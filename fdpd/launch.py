@@ -3,18 +3,16 @@
 Every process ends cleanly on SIGTERM/SIGINT. An engine instance drains on SIGTERM (no new
 work; running requests move to other instances, see ``InstanceService.start_drain``; at most
 ``--drain-timeout`` seconds) and stops at once on SIGINT or a second SIGTERM; the router stops
-uvicorn; ``up`` terminates its children by pid, waits, then kills what is left.
+uvicorn; ``up`` supervises its children (``fdpd.supervisor``: restarts one that exits) and on a
+signal terminates them by pid, waits, then kills what is left.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import subprocess
 import sys
 import threading
-import time
 from collections.abc import Sequence
 
 from fdpd.config import EngineConfig, InstanceConfig, PDConfig
@@ -143,56 +141,37 @@ def launch_command(role: str, args: Sequence[str]) -> list[str]:
 
 def run_cluster(*, num_prefill: int, num_decode: int, num_mixed: int, port: int, host: str,
                 common: Sequence[str], prefill_args: Sequence[str] = (),
-                decode_args: Sequence[str] = (), log_dir: str | None = None) -> int:
-    """Start router + instances as child processes; block until a signal or a child dies.
-    Instances are named ``<role>-<i>`` (their log lines start with it) and listen on free
-    ports (inbox and metrics: each one's ready line and /v1/cluster show them)."""
+                decode_args: Sequence[str] = (), log_dir: str | None = None,
+                max_restarts: int = 5, restart_window: float = 60.0) -> int:
+    """Start router + instances as child processes and supervise them until a signal
+    (``fdpd.supervisor``: a child that exits is restarted with back-off, up to
+    ``max_restarts`` times in ``restart_window`` seconds). Instances are named
+    ``<role>-<i>`` (their log lines start with it) and listen on free ports (inbox and
+    metrics: each one's ready line and /v1/cluster show them)."""
+    from fdpd.supervisor import ChildSpec, Supervisor
+
     control = port + 1
     router_addr = f"{host}:{control}"
 
-    def instance(role: str, i: int, extra: Sequence[str]) -> tuple[str, list[str]]:
-        return role, ["--host", host, "--port", "0", "--metrics-port", "0", "--router",
-                      router_addr, "--instance-id", f"{role}-{i}", *common, *extra]
+    def instance(role: str, i: int, extra: Sequence[str]) -> ChildSpec:
+        return ChildSpec(f"{role}-{i}", role, launch_command(role, [
+            "--host", host, "--port", "0", "--metrics-port", "0", "--router", router_addr,
+            "--instance-id", f"{role}-{i}", *common, *extra]))
 
-    specs = [("router", ["--host", host, "--port", str(port), "--control-port", str(control),
-                         "--instance-id", "router", *common])]
+    specs = [ChildSpec("router", "router", launch_command("router", [
+        "--host", host, "--port", str(port), "--control-port", str(control),
+        "--instance-id", "router", *common]))]
     specs += [instance("prefill", i, prefill_args) for i in range(num_prefill)]
     specs += [instance("decode", i, decode_args) for i in range(num_decode)]
     specs += [instance("mixed", i, ()) for i in range(num_mixed)]
     stop = _stop_on_signals()
-    children: list[subprocess.Popen] = []
+    supervisor = Supervisor(specs, max_restarts=max_restarts, window=restart_window,
+                            log_dir=log_dir)
     try:
-        for i, (role, args) in enumerate(specs):
-            out = None
-            if log_dir:
-                os.makedirs(log_dir, exist_ok=True)
-                out = open(os.path.join(log_dir, f"{i:02d}-{role}.log"), "ab")
-            children.append(subprocess.Popen(launch_command(role, args), stdout=out,
-                                             stderr=subprocess.STDOUT if out else None))
+        supervisor.start_all()
         print(f"fdpd cluster: router + {num_prefill} prefill + {num_decode} decode + "
               f"{num_mixed} mixed; OpenAI API at http://{host}:{port}/v1 "
               f"(Ctrl-C to stop)", flush=True)
-        while not stop.is_set():
-            dead = [c for c in children if c.poll() is not None]
-            if dead:
-                log.error("a cluster process exited (pid %d, code %s); stopping the cluster",
-                          dead[0].pid, dead[0].returncode)
-                return 1
-            stop.wait(0.5)
-        return 0
+        return supervisor.run(stop)
     finally:
-        terminate(children)
-
-
-def terminate(children: Sequence[subprocess.Popen], timeout: float = 10.0) -> None:
-    """SIGTERM each child by pid, wait up to ``timeout``, then SIGKILL the rest."""
-    for c in children:
-        if c.poll() is None:
-            c.terminate()
-    deadline = time.monotonic() + timeout
-    for c in children:
-        try:
-            c.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            c.kill()
-            c.wait()
+        supervisor.stop_all()

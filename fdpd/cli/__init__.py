@@ -172,11 +172,24 @@ def launch(control_port, api_key, served_model_name, torch_threads, log_level, l
               show_envvar=True, help="File holding the cluster secret every process "
               "authenticates its messages with (or set FDPD_CLUSTER_SECRET; both are passed "
               "on to every process).")
+@click.option("--max-restarts", default=5, show_default=True, envvar="FDPD_MAX_RESTARTS",
+              show_envvar=True, type=click.IntRange(min=0),
+              help="Restarts of one process within --restart-window seconds before it is "
+              "left stopped (a process that exits is restarted after 1, 2, 4 ... s, at most "
+              "30 s). 0 = never restart: any exit then only leaves that process stopped; a "
+              "router that cannot be restarted stops the cluster.")
+@click.option("--restart-window", default=60.0, show_default=True,
+              envvar="FDPD_RESTART_WINDOW", show_envvar=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="Seconds over which --max-restarts counts.")
 @log_options
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
 def up(num_prefill, num_decode, num_mixed, port, host, model, log_dir, cluster_secret_file,
-       log_level, log_format, config_file, extra):
+       max_restarts, restart_window, log_level, log_format, config_file, extra):
     """Start a local cluster (router + prefill + decode [+ mixed]) and serve until Ctrl-C.
+
+    A process that exits is restarted (same name, new epoch) while the rest keep serving;
+    the router resumes the streams it held on the others.
 
     Instances are named prefill-0, decode-0, ...; every log line starts with that name.
     EXTRA arguments after `--` go to every process, e.g. `fdpd up -- --num-kv-blocks 512`.
@@ -201,7 +214,8 @@ def up(num_prefill, num_decode, num_mixed, port, host, model, log_dir, cluster_s
         common += ["--cluster-secret-file", os.path.abspath(cluster_secret_file)]
     code = launcher.run_cluster(num_prefill=num_prefill, num_decode=num_decode,
                                 num_mixed=num_mixed, port=port, host=host,
-                                common=[*common, *extra], log_dir=log_dir)
+                                common=[*common, *extra], log_dir=log_dir,
+                                max_restarts=max_restarts, restart_window=restart_window)
     sys.exit(code)
 
 

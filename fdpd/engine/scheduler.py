@@ -364,7 +364,10 @@ class Scheduler:
         self.bm.check_integrity()
         owners = set(self.bm.owners())
         live = {r.request_id for r in self.running} | set(self.loading)
-        stray = {o for o in owners - live - set(other_owners) if not o.startswith("wb:")}
+        # wb: a preempted request's write-back; ck: a running one's checkpoint write (both
+        # pin blocks until the store acknowledges, see fdpd.kvstore.offload).
+        stray = {o for o in owners - live - set(other_owners)
+                 if not o.startswith(("wb:", "ck:"))}
         if stray or live - owners:
             raise RuntimeError(f"block owners {sorted(stray)} belong to nothing; requests "
                                f"{sorted(live - owners)} hold no blocks")

@@ -225,6 +225,7 @@ class StorePreemption:
         self.offload = offload
         self.write_finished = write_finished
         self.releasing: dict[str, int] = {}         # write-back owner -> blocks it pins
+        self._checkpointed: dict[str, int] = {}     # running request -> leading blocks written
         self._seq = 0
 
     def preempt(self, request: Request, block_manager: BlockManager) -> None:
@@ -238,6 +239,33 @@ class StorePreemption:
 
     def releasing_blocks(self) -> int:
         return sum(self.releasing.values())
+
+    def checkpoint(self, running: Sequence[Request], bm: BlockManager) -> None:
+        """Write the running requests' newly filled blocks to the store
+        (``--kv-store-checkpoint``), so that whoever resumes one after this instance died
+        restores its KV. A full block no longer changes; each is pinned by a second owner
+        (``ck:<request>:<n>``, a shared reference) until its write is acknowledged, so it
+        cannot be freed and reused while the worker reads it, whatever the request does."""
+        written = self._checkpointed
+        self._checkpointed = {}
+        for req in running:
+            rid = req.request_id
+            done = written.get(rid, 0)
+            num_full = min(req.num_computed_tokens // bm.block_size, len(req.block_hashes),
+                           len(bm.owned(rid)))
+            self._checkpointed[rid] = done
+            if num_full <= done:
+                continue
+            self._seq += 1
+            owner = f"ck:{rid}:{self._seq}"
+            blocks = list(bm.owned(rid)[done:num_full])
+            bm.allocate(owner, len(blocks) * bm.block_size, cached_blocks=blocks)
+            if not self.offload.submit(("write", owner, blocks,
+                                        list(req.block_hashes[done:num_full]))):
+                self.offload.stats.dropped_writes += 1
+                bm.free(owner)
+                continue
+            self._checkpointed[rid] = num_full
 
     def lookup(self, req_id: str, start: int, keys: Sequence[bytes]) -> bool:
         return self.offload.submit(("lookup", req_id, start, list(keys)))

@@ -229,6 +229,10 @@ class DecodeService(InstanceService):
     def on_step(self, outputs: list[StepOutput]) -> None:
         fault_point("decode.step")
         self.stream_outputs(outputs)
+        if self.engine.config.kv_store_checkpoint:
+            checkpoint = getattr(self.engine.scheduler.preemption, "checkpoint", None)
+            if checkpoint is not None:
+                checkpoint(self.engine.scheduler.running, self.engine.block_manager)
 
     def finish_timeline(self, s: Stream, now: float) -> dict:
         req = s.req

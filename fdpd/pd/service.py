@@ -394,6 +394,7 @@ class InstanceService:
             "prefix_queried_tokens": stats.queried_tokens,
             "prefix_hit_tokens": stats.hit_tokens,
             "metrics_address": self.metrics_url,
+            "restarts": self.inst.restart_count,
             "transport": self.transport.stats.view(),
             **self.counters,
         }

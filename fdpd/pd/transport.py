@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from fdpd.pd.auth import MessageAuthenticator, ReplayGuard
 from fdpd.pd.protocol import Codec, Envelope, Error, Message, ProtocolError, decode
@@ -81,7 +82,8 @@ MAX_INBOUND = 20000
 class Transport:
     def __init__(self, identity: str, epoch: int, bind: str = "tcp://127.0.0.1:0", *,
                  on_message: Callable[[Inbound], None] | None = None, hwm: int = 10000,
-                 secret: bytes | None = None):
+                 secret: bytes | None = None,
+                 on_connection: Callable[[str, bool], None] | None = None):
         self.identity = identity
         self.epoch = epoch
         self.codec = Codec(identity, epoch)
@@ -91,6 +93,13 @@ class Transport:
         self._bind = bind
         self._hwm = hwm
         self._on_message = on_message
+        # Called on the IO thread with (peer address, connected?) each time the TCP connection
+        # of a peer this process sends to comes up or drops (a ZMQ socket monitor per peer):
+        # a killed process's kernel closes its sockets at once, long before its heartbeats
+        # are missed.
+        self._on_connection = on_connection
+        self._monitors: dict[zmq.Socket, str] = {}        # monitor -> address (IO thread)
+        self._monitor_of: dict[zmq.Socket, zmq.Socket] = {}   # dealer -> its monitor
         # queue.Queue, not SimpleQueue: on CPython 3.11 SimpleQueue.get(timeout) waits forever
         # when a signal handler (SIGTERM) runs during the wait and outlasts the timeout, so an
         # idle instance ignored SIGTERM about one time in five.
@@ -204,6 +213,8 @@ class Transport:
                             break
                         if sock is ctl:
                             self._forward(parts, dealers, poller)
+                        elif sock in self._monitors:
+                            self._connection_event(sock, parts)
                         elif sock is inbox:
                             self._deliver(parts[1:], lambda reply, ident=parts[0]:
                                           inbox.send_multipart([ident, *reply], zmq.NOBLOCK))
@@ -218,6 +229,8 @@ class Transport:
                     self._forward(ctl.recv_multipart(zmq.NOBLOCK, copy=False), dealers, poller)
             except zmq.ZMQError:
                 pass
+            for m in self._monitors:
+                m.close(0)
             for s in dealers.values():
                 s.close(linger=1000)
             inbox.close(0)
@@ -228,6 +241,7 @@ class Transport:
         if not parts[0].bytes:                      # drop_peer
             sock = dealers.pop(parts[1].bytes.decode(), None)
             if sock is not None:
+                self._unmonitor(sock, poller)
                 poller.unregister(sock)
                 sock.close(0)
             return
@@ -248,12 +262,33 @@ class Transport:
                 return
             dealers[address] = sock
             poller.register(sock, zmq.POLLIN)     # errors about our messages come back here
+            if self._on_connection is not None:
+                monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+                self._monitors[monitor] = address
+                self._monitor_of[sock] = monitor
+                poller.register(monitor, zmq.POLLIN)
         try:
             sock.send_multipart(parts[1:], zmq.NOBLOCK, copy=False)
             self.stats.sent += 1
         except zmq.Again:
             self.stats.send_failed += 1
             log.warning("send queue to %s is full; message dropped", address)
+
+    def _connection_event(self, monitor: zmq.Socket, parts: list[zmq.Frame]) -> None:
+        try:
+            event = parse_monitor_message([p.bytes for p in parts])["event"]
+        except Exception:               # a malformed event is not worth the IO thread
+            return
+        if event in (zmq.EVENT_CONNECTED, zmq.EVENT_DISCONNECTED):
+            self._on_connection(self._monitors[monitor], event == zmq.EVENT_CONNECTED)
+
+    def _unmonitor(self, dealer: zmq.Socket, poller: zmq.Poller) -> None:
+        monitor = self._monitor_of.pop(dealer, None)
+        if monitor is not None:
+            del self._monitors[monitor]
+            poller.unregister(monitor)
+            dealer.disable_monitor()
+            monitor.close(0)
 
     def _deliver(self, parts: list[zmq.Frame], reply: Callable[[list[bytes]], None]) -> None:
         if self._auth is not None:

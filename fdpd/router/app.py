@@ -42,10 +42,11 @@ from fdpd.router.openai_api import ChatCompletionRequest, CompletionRequest, res
 from fdpd.router.tokenize import DetokenizeRequest, TokenizeRequest
 
 if TYPE_CHECKING:
-    from fdpd.router.core import Admission, RouterCore
+    from fdpd.router.admission import Admission
+    from fdpd.router.core import RouterCore
 
 log = logging.getLogger(__name__)
-# Requests that take an admission seat (see ``fdpd.router.core.Admission``).
+# Requests that take an admission seat (see ``fdpd.router.admission.Admission``).
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 

@@ -56,8 +56,15 @@ class ClusterCollector(Collector):
         for mode, n in sorted(core.stats.requests.items()):
             routed.add_metric([mode], n)
         stats, admission = core.stats, core.admission
+        resumes = CounterMetricFamily(
+            "fdpd:request_resumes_total", "Streams resumed on another instance from prompt + "
+            "the tokens already sent, by why the last one lost them (drained, disconnected, "
+            "instance_died, restarted, grant_expired, ...).", labels=("reason",))
+        for reason, n in sorted(stats.resumes.items()):
+            resumes.add_metric([reason], n)
         out += [
             routed,
+            resumes,
             CounterMetricFamily("fdpd:router_retries_total", "Requests retried on another "
                                 "pair.", value=stats.retries),
             CounterMetricFamily("fdpd:router_migrations_total", "Requests resumed on another "

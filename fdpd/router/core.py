@@ -5,10 +5,10 @@ hands every inbound message to the loop with ``call_soon_threadsafe``; everythin
 single-threaded on the loop, so no locks.
 
 A request is retried on another (P, D) pair when it fails before its first token reached the
-client: a Reject, an expired grant, a failed transfer, or an instance that stopped
-heartbeating. After the first token it cannot be retried (the client saw output), so the stream
-ends with an error. Whatever way a request ends, any instance that may still hold state for it
-gets an ``Abort``; the instances' handlers are idempotent.
+client: a Reject, an expired grant, a failed transfer, or a lost instance. After that, a lost
+or drained decode's streams are resumed elsewhere from prompt + the tokens sent
+(``fdpd.router.resume``). However a request ends, any instance that may still hold state for
+it gets an ``Abort``; the instances' handlers are idempotent.
 """
 
 from __future__ import annotations
@@ -43,12 +43,13 @@ from fdpd.router import policy
 from fdpd.router.cluster_metrics import ClusterCollector
 from fdpd.router.cluster_model import ClusterModel, FrontendModel, given_model
 from fdpd.router.delta import Route, TokenDelta
+from fdpd.router.admission import BODY_BYTES_PER_TOKEN, MIN_BODY_BYTES, Admission
+from fdpd.router.liveness import ConnectionWatch
 from fdpd.router.registry import Instance, Registry
+from fdpd.router.resume import Resumes
 from fdpd.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-# A request follows at most this many drains (each moves it to another instance).
-MAX_MIGRATIONS = 8
 
 
 class RouterError(Exception):
@@ -74,6 +75,10 @@ class Failure:
     retry_after: float = 0.0
     final: bool = False        # no retry: the client aborted, or the request is invalid
     status: int = 503
+    # What happened, as fdpd:request_resumes_total{reason} counts a stream resumed after it:
+    # instance_died | disconnected | restarted | grant_expired | rejected | error |
+    # unacknowledged | drained
+    kind: str = "error"
 
 
 @dataclass
@@ -94,47 +99,9 @@ class RouterStats:
     requests: Counter = field(default_factory=Counter)     # by mode: pd / mixed
     retries: int = 0
     migrations: int = 0                  # requests resumed elsewhere after a drain
+    resumes: Counter = field(default_factory=Counter)      # streams resumed, by reason
     failures: Counter = field(default_factory=Counter)     # by reason kind
     instance_deaths: int = 0
-
-
-@dataclass
-class Admission:
-    """The router's bound on what it holds (``--max-inflight-requests``,
-    ``--max-request-body-bytes``). The HTTP layer takes a seat for each generation request
-    before reading its body and gives it back when the response has ended (streams included);
-    with no seat free it answers 429 at once, without touching any instance. Under a burst
-    the router so keeps its memory and CPU for the requests it took, instead of queueing
-    the rest without bound. Used on the event loop only: no lock."""
-
-    limit: int
-    max_body_bytes: int
-    body_timeout: float = 30.0           # seconds to receive a whole body (seat holders too)
-    held: int = 0
-    peak: int = 0                        # most seats held at once since start
-    refused: int = 0
-
-    def enter(self) -> bool:
-        if self.held >= self.limit:
-            self.refused += 1
-            return False
-        self.held += 1
-        self.peak = max(self.peak, self.held)
-        return True
-
-    def leave(self) -> None:
-        self.held -= 1
-
-    def view(self) -> dict:
-        return {"held": self.held, "peak": self.peak, "limit": self.limit,
-                "refused": self.refused, "max_body_bytes": self.max_body_bytes}
-
-
-# A request body never needs more than this per token of context: a token id in a JSON list
-# takes at most 8 bytes with its separator; text averages ~4 bytes a token, and \u-escaped
-# non-ASCII text up to ~12.
-BODY_BYTES_PER_TOKEN = 16
-MIN_BODY_BYTES = 1 << 20
 
 
 class RouterCore:
@@ -164,12 +131,15 @@ class RouterCore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._monitor: asyncio.Task | None = None
         self.transport: Transport | None = None
+        self.connections: ConnectionWatch | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.connections = ConnectionWatch(self._loop, self._connection_lost)
         self.transport = Transport("router", self.epoch, self.control_address,
-                                   on_message=self._from_io_thread, secret=self.pd.cluster_key)
+                                   on_message=self._from_io_thread, secret=self.pd.cluster_key,
+                                   on_connection=self._connection_from_io_thread)
         # Instances send tokens here: the bound port on a host name they can dial.
         self.control_address = advertised_address(self.transport.address, self.advertise_host)
         self._monitor = asyncio.create_task(self._watch_instances())
@@ -178,6 +148,8 @@ class RouterCore:
     async def stop(self) -> None:
         if self._monitor:
             self._monitor.cancel()
+        if self.connections:
+            self.connections.close()
         if self.transport:
             self.transport.close()
 
@@ -225,15 +197,24 @@ class RouterCore:
                         hashes) -> AsyncIterator[TokenDelta]:
         excluded: set[str] = set()
         last: Failure | None = None
-        # Every token the client got. When an instance drains (Migrate), the request goes on
-        # elsewhere from prompt + these tokens, so the client sees one continuous stream.
+        # Every token the client got. When the instance streaming the request drains
+        # (Migrate) or is lost, the request goes on elsewhere from prompt + these tokens, so
+        # the client sees one continuous stream (``fdpd.router.resume``).
         generated: list[int] = []
+        resumes = Resumes(self.pd.max_resumes, self.stats.resumes)
         usage: tuple[int, int] | None = None       # (prompt, cached) of the first attempt
-        attempt = dispatches = migrations = 0
+        attempt = dispatches = 0
+        first_dispatch = 0.0
+        flight: Inflight | None = None
         decoded = False         # some decode streamed (not only a prefill's early first token)
         while attempt < self.max_attempts:
             if attempt and not generated:
                 self.stats.retries += 1
+            if flight is not None and len(generated) >= max_tokens:
+                # Lost after its last token but before its end: nothing is left to generate.
+                yield TokenDelta([], None, True, "length", None, *(usage or (0, 0)),
+                                 route=self._route(flight, dispatches, first_dispatch, resumes))
+                return
             # Each attempt has its own id on the wire, so that late messages about an earlier
             # attempt (a woken prefill's Reject, its Abort to the decode) cannot touch this one.
             wire_id = f"{request_id}/retry{dispatches}" if dispatches else request_id
@@ -243,8 +224,6 @@ class RouterCore:
                                     max_tokens - len(generated), deadline,
                                     self.affinity.hashes(context) if generated else hashes,
                                     excluded, num_output_tokens=len(generated))
-            if flight is not None:
-                self._current[request_id] = wire_id
             if flight is None:
                 if last is None:
                     if generated:
@@ -252,54 +231,28 @@ class RouterCore:
                     raise RouterError(503, "no_instances", "no healthy instance can serve "
                                       "this request right now", retry_after=1.0)
                 break
+            self._current[request_id] = wire_id
+            first_dispatch = first_dispatch or flight.dispatched_at
+            resumes.redispatched()
             attempt += 1
             finished = False
             try:
                 while True:
-                    remaining = deadline - time.monotonic()
-                    try:
-                        if remaining > 0 and not flight.queue.empty():
-                            # Tokens often arrive in bursts; on Python < 3.12 each wait_for
-                            # costs a task and a timer (measured: ~3% of the router's CPU).
-                            event = flight.queue.get_nowait()
-                        else:
-                            event = await asyncio.wait_for(flight.queue.get(),
-                                                           max(remaining, 0))
-                    except asyncio.TimeoutError:
-                        if flight.streamed or generated:
-                            raise StreamBroken("request deadline passed") from None
-                        raise RouterError(504, "timeout", "the request did not complete "
-                                          f"within {self.pd.request_timeout:.0f} s") from None
-                    if isinstance(event, Migrate):
-                        if event.num_output_tokens != len(generated):
-                            raise StreamBroken(f"cannot resume: the instance stopped after "
-                                               f"{event.num_output_tokens} tokens, the router "
-                                               f"has {len(generated)}")
-                        migrations += 1
-                        if migrations > MAX_MIGRATIONS:
-                            raise StreamBroken("request migrated too many times")
-                        self.stats.migrations += 1
-                        excluded.add(flight.decode.instance_id)
-                        attempt -= 1          # a drain is not a failed attempt
-                        last = Failure(event.reason, flight.decode.instance_id)
-                        log.info("resuming %s elsewhere after %d tokens (%s)", request_id,
-                                 len(generated), event.reason, extra={"request_id": request_id})
-                        break
-                    if isinstance(event, Failure):
-                        if flight.streamed and not resumes_after_early_token(flight, event):
-                            raise StreamBroken(f"request failed mid-stream: {event.reason}")
-                        if event.final and generated:
-                            raise StreamBroken(f"resumed request refused: {event.reason}")
-                        if event.final:
-                            code = "invalid_request" if event.status == 400 else "aborted"
-                            raise RouterError(event.status, code, event.reason)
-                        last = event
-                        if event.origin:
-                            excluded.add(event.origin)
+                    event = await self._next_event(flight, deadline, bool(generated))
+                    if isinstance(event, (Migrate, Failure)):
+                        resumed = self._resume(event, flight, resumes, generated, deadline)
+                        if resumed:
+                            attempt -= 1          # a drain or a loss is not a failed attempt
+                        elif isinstance(event, Failure):
+                            self._raise_final(event, generated)
+                        last = resumed or event
+                        if last.origin:
+                            excluded.add(last.origin)
                         break
                     if not keep_new_tokens(event, len(generated)):
                         continue
                     flight.streamed = True
+                    resumes.on_tokens(time.monotonic())
                     if usage is None:
                         usage = (event.num_prompt_tokens, event.num_cached_tokens)
                     elif generated:
@@ -308,10 +261,7 @@ class RouterCore:
                         event.num_prompt_tokens, event.num_cached_tokens = usage
                     generated.extend(event.token_ids)
                     if event.finished:
-                        event.route = Route(
-                            "pd" if flight.prefill else "mixed",
-                            flight.prefill.instance_id if flight.prefill else None,
-                            flight.decode.instance_id, dispatches, flight.dispatched_at)
+                        event.route = self._route(flight, dispatches, first_dispatch, resumes)
                     # Before the yield: the caller closes this generator at the yield of the
                     # last delta, and a finished request needs no Abort.
                     finished = event.finished
@@ -321,7 +271,7 @@ class RouterCore:
             finally:
                 decoded = decoded or flight.decoding
                 self._end(flight, abort=not finished)
-            if not self._can_route(excluded):
+            if not self._can_route(excluded) and not (generated and self._forgive(excluded)):
                 break                 # nobody left to try: answer now, not after a back-off
             if last is not None and last.retry_after and time.monotonic() < deadline:
                 await asyncio.sleep(min(last.retry_after, max(0.0, deadline - time.monotonic())))
@@ -333,6 +283,70 @@ class RouterCore:
         raise RouterError(503, "unavailable", f"request failed after {attempt} "
                           f"attempt{'s' if attempt != 1 else ''}: {last.reason}",
                           retry_after=max(1.0, last.retry_after))
+
+    async def _next_event(self, flight: Inflight, deadline: float,
+                          resumed: bool) -> TokenDelta | Failure | Migrate:
+        remaining = deadline - time.monotonic()
+        try:
+            if remaining > 0 and not flight.queue.empty():
+                # Tokens often arrive in bursts; on Python < 3.12 each wait_for costs a task
+                # and a timer (measured: ~3% of the router's CPU).
+                return flight.queue.get_nowait()
+            return await asyncio.wait_for(flight.queue.get(), max(remaining, 0))
+        except asyncio.TimeoutError:
+            if flight.streamed or resumed:
+                raise StreamBroken("request deadline passed") from None
+            raise RouterError(504, "timeout", "the request did not complete within "
+                              f"{self.pd.request_timeout:.0f} s") from None
+
+    def _resume(self, event: Migrate | Failure, flight: Inflight, resumes: Resumes,
+                generated: list[int], deadline: float) -> Failure | None:
+        """Whether the request goes on elsewhere after ``event`` ended this attempt: the
+        Failure the next attempt starts from, or None (a Failure before any token of this
+        attempt: an ordinary retry). Raises StreamBroken when it cannot be resumed."""
+        origin = flight.decode.instance_id
+        if isinstance(event, Migrate):
+            why = resumes.drained(origin, len(generated), event.num_output_tokens)
+            if why:
+                raise StreamBroken(why)
+            self.stats.migrations += 1
+            log.info("resuming %s elsewhere after %d tokens (%s)", flight.req_id,
+                     len(generated), event.reason, extra={"request_id": flight.req_id})
+            return Failure(event.reason, origin, kind="drained")
+        if not flight.streamed or event.final:
+            return None
+        why = resumes.lost(event.kind, event.origin or origin, len(generated), deadline)
+        if why:
+            raise StreamBroken(f"request failed mid-stream: {event.reason}; not resumed: "
+                               f"{why}")
+        log.warning("resuming %s elsewhere after %d tokens: %s", flight.req_id,
+                    len(generated), event.reason, extra={"request_id": flight.req_id})
+        return event
+
+    @staticmethod
+    def _raise_final(event: Failure, generated: list[int]) -> None:
+        if event.final and generated:
+            raise StreamBroken(f"resumed request refused: {event.reason}")
+        if event.final:
+            code = "invalid_request" if event.status == 400 else "aborted"
+            raise RouterError(event.status, code, event.reason)
+
+    @staticmethod
+    def _route(flight: Inflight, dispatches: int, first_dispatch: float,
+               resumes: Resumes) -> Route:
+        return Route("pd" if flight.prefill else "mixed",
+                     flight.prefill.instance_id if flight.prefill else None,
+                     flight.decode.instance_id, dispatches, flight.dispatched_at,
+                     first_dispatch, tuple(r.view() for r in resumes.records),
+                     resumes.stalled_seconds())
+
+    def _forgive(self, excluded: set[str]) -> bool:
+        """A stream that broke mid-way is worth its deadline: when every instance has been
+        tried, the live ones that only refused it (full, slow to answer: the survivors of a
+        lost instance take its whole load at once) are tried again. Whether any is left."""
+        live = {i.instance_id for i in self.registry.instances.values() if i.healthy}
+        excluded.difference_update(live)
+        return self._can_route(excluded)
 
     def _can_route(self, excluded: set[str]) -> bool:
         """Whether some (prefill, decode) pair or mixed instance outside ``excluded`` is
@@ -407,6 +421,21 @@ class RouterCore:
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._handle, inbound)
 
+    def _connection_from_io_thread(self, address: str, connected: bool) -> None:
+        loop, watch = self._loop, self.connections
+        if loop is not None and watch is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(watch.connection, address, connected)
+
+    def _connection_lost(self, address: str) -> None:
+        for inst in list(self.registry.instances.values()):
+            if inst.address == address and inst.healthy:
+                inst.healthy = False
+                self.stats.instance_deaths += 1
+                log.warning("instance %s (%s): connection lost and refused for %.1f s; marked "
+                            "dead", inst.instance_id, inst.role, self.connections.grace)
+                self._instance_lost(inst, f"instance {inst.instance_id} is unreachable "
+                                    "(connection lost)", "disconnected")
+
     def _handle(self, inbound: Inbound) -> None:
         msg, env = inbound.msg, inbound.envelope
         if isinstance(msg, Tokens):
@@ -431,7 +460,7 @@ class RouterCore:
                 # A new incarnation: what the old one held is gone, even when it came back
                 # before the liveness timeout noticed (else its streams waited for their
                 # deadline; found by the chaos suite).
-                self._instance_lost(old, f"instance {old.instance_id} restarted")
+                self._instance_lost(old, f"instance {old.instance_id} restarted", "restarted")
         elif isinstance(msg, Migrate):
             flight = self.inflight.get(msg.req_id)
             # Only the instance streaming the request can hand it back.
@@ -445,14 +474,15 @@ class RouterCore:
             self._fail(msg.req_id, Failure(f"rejected by {msg.origin or env.src}: {msg.reason}",
                                            msg.origin or env.src, msg.retry_after,
                                            final=not msg.retryable,
-                                           status=503 if msg.retryable else 400))
+                                           status=503 if msg.retryable else 400,
+                                           kind="rejected"))
         elif isinstance(msg, GrantExpired):
             # The lease ran out because the prefill did not deliver the KV in time; the decode
             # has freed the blocks and is fine, so the retry avoids the prefill, not the decode.
             flight = self.inflight.get(msg.req_id)
             blame = flight.prefill.instance_id if flight and flight.prefill else env.src
             self._fail(msg.req_id, Failure("decode grant expired before the KV transfer "
-                                           "finished", blame))
+                                           "finished", blame, kind="grant_expired"))
         elif isinstance(msg, Error):
             if msg.req_id:
                 self._fail(msg.req_id, Failure(f"{msg.code}: {msg.message}", env.src))
@@ -484,14 +514,15 @@ class RouterCore:
                 self.stats.instance_deaths += 1
                 log.warning("instance %s (%s) stopped heartbeating; marked dead",
                             inst.instance_id, inst.role)
-                self._instance_lost(inst, f"instance {inst.instance_id} died")
+                self._instance_lost(inst, f"instance {inst.instance_id} stopped heartbeating",
+                                    "instance_died")
 
-    def _instance_lost(self, inst: Instance, reason: str) -> None:
+    def _instance_lost(self, inst: Instance, reason: str, kind: str) -> None:
         """Fail every attempt ``inst`` holds state for (a prefill until the decode streams:
         its early first token does not mean the KV reached the decode)."""
         for flight in list(self.inflight.values()):
             if flight.decode is inst or (flight.prefill is inst and not flight.decoding):
-                flight.queue.put_nowait(Failure(reason, inst.instance_id))
+                flight.queue.put_nowait(Failure(reason, inst.instance_id, kind=kind))
 
     def _fail_unacknowledged(self, now: float) -> None:
         """A Submit is answered at once (SubmitAck or Reject). No answer and no token within
@@ -505,7 +536,7 @@ class RouterCore:
             target = flight.prefill or flight.decode
             flight.queue.put_nowait(Failure(f"{target.instance_id} did not acknowledge the "
                                             f"request in {self.pd.transfer_timeout:g} s",
-                                            target.instance_id))
+                                            target.instance_id, kind="unacknowledged"))
 
     # ------------------------------------------------------------------ surfaces
     def healthy(self) -> tuple[bool, str]:
@@ -519,6 +550,9 @@ class RouterCore:
         return {"router": {"epoch": self.epoch, "control_address": self.control_address,
                            "inflight": len(self.inflight), "retries": self.stats.retries,
                            "migrations": self.stats.migrations,
+                           "resumes": dict(self.stats.resumes),
+                           "connection_drops": self.connections.drops if self.connections
+                           else 0,
                            "admission": self.admission.view(),
                            "authenticated": self.pd.cluster_key is not None,
                            "transport": self._transport_view(),
@@ -532,14 +566,6 @@ class RouterCore:
     def metrics_collector(self) -> ClusterCollector:
         """The cluster view on the router's ``/metrics`` (``fdpd.router.cluster_metrics``)."""
         return ClusterCollector(self)
-
-
-def resumes_after_early_token(flight: Inflight, failure: Failure) -> bool:
-    """A PD attempt that failed after only the prefill's early first token (the decode never
-    streamed: a lost grant, KV or PrefillDone, an expired lease, a dead instance) goes on
-    elsewhere from prompt + the tokens the client has, like a drained request: before the
-    first token early, this failure was a transparent retry, and it must stay one."""
-    return flight.prefill is not None and not flight.decoding and not failure.final
 
 
 def keep_new_tokens(event: TokenDelta, have: int) -> bool:

@@ -17,6 +17,9 @@ class Route:
     decode: str
     attempts: int
     dispatched_at: float
+    first_dispatched_at: float = 0.0
+    resumes: tuple[dict, ...] = ()     # ResumeRecord.view() of each move (fdpd.router.resume)
+    resumed_seconds: float = 0.0       # time between losing the stream and re-dispatching it
 
 
 @dataclass

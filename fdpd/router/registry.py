@@ -51,7 +51,7 @@ class Instance:
             "num_restored_tokens", "num_recomputed_tokens", "num_computed_prompt_tokens",
             "prefix_queried_tokens", "prefix_hit_tokens", "kv_store", "num_restores",
             "metrics_address", "draining", "migrated", "first_tokens_early",
-            "kv_blocks_streamed") if k in load})
+            "kv_blocks_streamed", "restarts") if k in load})
         # Fault counters: malformed/stale messages, handler bugs, dropped KV.
         out.update({k: load[k] for k in ("transport", "unexpected_messages", "handler_errors",
                                          "kv_dropped", "transfer_failures") if k in load})

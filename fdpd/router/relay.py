@@ -22,7 +22,7 @@ from fdpd.outputs import TextStream, TokenLogprobs, logprobs_from_wire
 from fdpd.router.core import RouterError, StreamBroken
 from fdpd.router.delta import Route, TokenDelta
 from fdpd.router.http_metrics import RouterMetrics
-from fdpd.router.timeline import upstream_phases
+from fdpd.router.timeline import RESUMED, upstream_phases
 from fdpd.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ class Relay:
             route, upstream = self._route, self._timeline or {}
             phases: dict[str, float] = {}
             if route is not None:
-                phases["router_queue"] = max(0.0, route.dispatched_at - self.arrival)
+                _route_phases(phases, route, self.arrival)
             phases.update(upstream_phases(upstream))
             _bound_transfer_estimate(phases, upstream, e2e)
             ttft = (self._first_token_at - self.arrival
@@ -201,12 +201,24 @@ class Relay:
                 "cached_tokens": self.num_cached_tokens,
                 "output_tokens": self.num_output_tokens,
                 "num_preemptions": upstream.get("num_preemptions", 0),
+                "resumes": list(route.resumes) if route else [],
                 "phases": {k: round(v, 6) for k, v in phases.items()},
                 "unaccounted_seconds": round(e2e - sum(phases.values()), 6),
             }
             self.metrics.timelines.record(entry)
         except Exception:                # bookkeeping must never break a response
             log.exception("recording the timeline of %s failed", self.request_id)
+
+
+def _route_phases(phases: dict[str, float], route: Route, arrival: float) -> None:
+    """The router's own phases. A resumed request (``fdpd.router.resume``) queued until its
+    first dispatch, and spent ``resumed`` between losing its stream and dispatching it again;
+    the serving attempt's phases come from its instances, the lost attempts' are unaccounted."""
+    if route.resumes:
+        phases["router_queue"] = max(0.0, route.first_dispatched_at - arrival)
+        phases[RESUMED] = route.resumed_seconds
+    else:
+        phases["router_queue"] = max(0.0, route.dispatched_at - arrival)
 
 
 def _bound_transfer_estimate(phases: dict[str, float], upstream: dict, e2e: float) -> None:

@@ -26,6 +26,12 @@ decode_queue    PrefillDone reached D -> the first decode step
 decode          decoding, minus time preempted and restoring
 preempted       off the running set after preemptions, waiting to be readmitted
 restore         loading preempted KV back from the KV store
+resumed         a resumed request (its stream moved to another instance after a drain or a
+                lost instance, ``fdpd.router.resume``): from the last token before each move
+                to the re-dispatch; its ``router_queue`` then ends at the first dispatch, and
+                the entry's ``resumes`` lists each move (reason, instance, tokens so far,
+                detect_seconds: last token -> loss noticed, stall_seconds: last token -> first
+                resumed token)
 ==============  ================================================================================
 
 ``unaccounted_seconds`` is the end-to-end time no phase covers: messages in flight between
@@ -45,6 +51,9 @@ from fdpd.pd.instance_metrics import PHASE_BUCKETS
 
 PHASES = ("router_queue", "prefill_queue", "prefill", "grant_wait", "kv_transfer",
           "decode_queue", "decode", "preempted", "restore")
+# The router's own, only for a request that moved to another instance (fdpd.router.resume);
+# never reported by an instance.
+RESUMED = "resumed"
 request_log = logging.getLogger("fdpd.requests")
 
 
@@ -53,7 +62,7 @@ class RequestTimelines:
         self.capacity = capacity
         self.phase = Histogram(
             "fdpd:request_phase_seconds",
-            "Seconds requests spent in each phase: " + ", ".join(PHASES) + ".",
+            "Seconds requests spent in each phase: " + ", ".join((*PHASES, RESUMED)) + ".",
             ("phase",), buckets=PHASE_BUCKETS, registry=registry)
         self._recent: OrderedDict[str, dict] = OrderedDict()
         self._lock = threading.Lock()

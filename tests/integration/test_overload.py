@@ -32,7 +32,8 @@ from fdpd.pd.prefill import PrefillService
 from fdpd.pd.protocol import Envelope, Reject, Submit
 from fdpd.pd.transport import Inbound
 from fdpd.router.app import create_app
-from fdpd.router.core import Admission, RouterError
+from fdpd.router.admission import Admission
+from fdpd.router.core import RouterError
 from fdpd.testing import Cluster, Completion, complete
 from tests.unit.router_fakes import ScriptedCore
 

@@ -387,7 +387,10 @@ def test_expired_lease_with_one_prefill_fails_cleanly(cluster_factory):
 # ---------------------------------------------------------------------- decode killed mid-stream
 @pytest.mark.timeout(60)
 def test_decode_killed_mid_stream_then_restarted(cluster_factory, reference):
-    cluster = cluster_factory(num_prefill=1, num_decode=2, common_args=POOL)
+    # --max-resumes 0: the stream is not resumed elsewhere (tests/integration/
+    # test_resume_on_failure.py shows that), so it ends with the clean error of a broken stream.
+    cluster = cluster_factory(num_prefill=1, num_decode=2, common_args=POOL,
+                              router_args=["--max-resumes", "0"])
     client = http_client(cluster)
     body = {**GREEDY, "prompt": "a long story: ", "max_tokens": 3000, "stream": True}
     killed: dict[str, object] = {}

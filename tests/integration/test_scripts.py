@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -16,7 +17,7 @@ import pytest
 import fdpd
 from fdpd.testing import free_port
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(240)
 
 ROOT = Path(fdpd.__file__).resolve().parent.parent
 SCRIPTS = ("cluster-start", "cluster-stop", "cluster-logs", "replay-trace", "fuzz", "chaos")
@@ -25,6 +26,19 @@ SCRIPTS = ("cluster-start", "cluster-stop", "cluster-logs", "replay-trace", "fuz
 def run(script: str, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
     return subprocess.run([str(ROOT / "scripts" / script), *args], capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT)
+
+
+def child_of(parent: int) -> int:
+    """The one child process of ``parent`` (from /proc)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                return int(entry)
+    raise LookupError(f"no child of {parent}")
 
 
 def two_free_ports() -> int:
@@ -77,6 +91,23 @@ def test_start_logs_replay_stop(tmp_path):
         assert replay.returncode == 0, replay.stdout + replay.stderr
         assert re.search(r"completed / failed +\| +3 / 0 \|", replay.stdout), replay.stdout
         assert "where the time went" in replay.stdout and "kv_transfer" in replay.stdout
+
+        # Each process runs under a supervisor: a SIGKILLed decode comes back (new epoch).
+        cluster = f"http://127.0.0.1:{port}/v1/cluster"
+
+        def decode0() -> dict:
+            views = httpx.get(cluster, timeout=10).json()["instances"]
+            return next(v for v in views if v["instance_id"] == "decode-0")
+
+        epoch = decode0()["epoch"]
+        supervisor = int((run_dir / "decode-0.pid").read_text())
+        os.kill(child_of(supervisor), signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while not ((v := decode0())["healthy"] and v["epoch"] != epoch and "restarts" in v):
+            assert time.monotonic() < deadline, v
+            time.sleep(0.3)
+        assert v["restarts"] == 1, v
+        assert "exited unexpectedly (signal 9)" in (run_dir / "decode-0.log").read_text()
 
         pids = {p.stem: int(p.read_text()) for p in run_dir.glob("*.pid")}
         stopped = run("cluster-stop", "--run-dir", str(run_dir))

@@ -188,3 +188,63 @@ def test_output_caching_lets_the_next_turn_load_its_history(tmp_path):
     plain = LLM("tiny", num_kv_blocks=256, block_size=8).generate([turn2], GREEDY)[0]
     assert result.outputs[0].token_ids == plain.outputs[0].token_ids
     second.engine.close()
+
+
+def test_checkpoint_writes_running_blocks_pinned_until_written(tmp_path, expected):
+    """--kv-store-checkpoint: running requests' filled blocks reach the store while they run;
+    each write pins its blocks under a second owner, so a request that finishes while its
+    write hangs does not free them for reuse; a resumed context then restores them."""
+    llm = LLM("tiny", num_kv_blocks=1024, block_size=8)
+    faulty = FaultyStore(DiskStore(str(tmp_path / "store"), capacity_bytes=1 << 30,
+                                   timeout=2.0), max_block=60.0)
+    engine = llm.engine
+    preemption = StorePreemption(KVOffload(faulty, engine.runner.kv_cache, engine.fingerprint))
+    engine.scheduler.preemption = preemption
+    for i, p in enumerate(prompts()):
+        engine.add_request(f"r{i}", p, GREEDY)
+    results: dict[str, list[int]] = {}
+    hashes: dict[str, list[bytes]] = {}
+
+    def step():
+        for out in engine.step():
+            results.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.finished:
+                finished.add(out.request_id)
+        preemption.checkpoint(engine.scheduler.running, engine.block_manager)
+        for req in engine.scheduler.running:      # what the checkpoint covered
+            hashes[req.request_id] = list(req.block_hashes[:req.num_computed_tokens // 8])
+
+    finished: set[str] = set()
+    # Admission asks the store (lookups queue behind writes on its one worker): hold the
+    # writes only once every request runs.
+    while len(engine.scheduler.running) < len(expected):
+        step()
+    gate = threading.Event()
+    faulty.block_writes = gate
+    while faulty.blocked_puts == 0:
+        step()
+    pinned = {b for owner, blocks in engine.block_manager.owners().items()
+              if owner.startswith("ck:") for b in blocks}
+    assert pinned
+    snapshot = engine.runner.kv_cache[sorted(pinned)].clone()
+    while len(finished) < len(expected):               # every request ends meanwhile
+        step()
+        engine.check_integrity()
+        assert not pinned & set(engine.block_manager._free)
+    assert torch.equal(engine.runner.kv_cache[sorted(pinned)], snapshot)
+    gate.set()
+    while engine.has_unfinished_requests():            # the writes complete, pins go
+        step()
+    assert [results[f"r{i}"] for i in range(len(expected))] == expected
+    # Each request's full blocks (as last seen running) are in the store.
+    for rid, keys in hashes.items():
+        assert faulty.contains_prefix(keys) == len(keys), rid
+    finish_clean(llm)
+    # Another engine resumes r0 from prompt + its tokens: restores instead of recomputing.
+    second = LLM("tiny", num_kv_blocks=256, block_size=8, kv_store=f"disk:{tmp_path / 'store'}")
+    context = prompts()[0] + results["r0"][:30]
+    out = second.generate([context], SamplingParams(max_tokens=10, temperature=0,
+                                                    ignore_eos=True))[0]
+    assert second.engine.scheduler.preemption.offload.stats.blocks_restored > 0
+    assert out.outputs[0].token_ids == expected[0][30:40]
+    second.engine.close()

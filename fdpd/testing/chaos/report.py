@@ -23,8 +23,8 @@ from fdpd.testing.chaos.scenarios import FAULTS, TARGETS
 
 NOTES_MARKER = "<!-- notes: kept when scripts/chaos rewrites this file -->"
 COLUMNS = ("runs", "fault applied", "requests sent", "completed exact",
-           "ended with a clean error", "hung", "leaked blocks", "wrong outputs", "NaN",
-           "survivors served", "rejoined with new epoch")
+           "ended with a clean error", "streams resumed", "hung", "leaked blocks",
+           "wrong outputs", "NaN", "survivors served", "rejoined with new epoch")
 
 
 def summary_rows(results: Sequence[RunResult]) -> list[tuple[str, list]]:
@@ -39,7 +39,8 @@ def summary_rows(results: Sequence[RunResult]) -> list[tuple[str, list]]:
         restarted = [r for r in rs if r.rejoined is not None]
         return [len(rs), sum(r.applied for r in rs), sum(r.sent for r in rs),
                 sum(r.exact for r in rs), sum(r.clean_errors for r in rs),
-                sum(r.hung for r in rs), sum(r.leaked_blocks for r in rs),
+                sum(len(r.resume_gaps) for r in rs), sum(r.hung for r in rs),
+                sum(r.leaked_blocks for r in rs),
                 sum(r.wrong for r in rs), sum(r.nan for r in rs),
                 f"{sum(r.survivors_serve for r in rs)}/{len(rs)}",
                 f"{sum(bool(r.rejoined) for r in restarted)}/{len(restarted)}"]
@@ -73,7 +74,11 @@ def write_report(results: Sequence[RunResult], path: str | os.PathLike, *, comma
         "engine (`fdpd.LLM`) on the same prompt; **wrong outputs**: completed but not exact, "
         "or cut off with neither a finish reason nor an error (must be 0);",
         "- **ended with a clean error**: an HTTP error with an OpenAI error body, an SSE error "
-        "event, or a connection error while the router itself was down;",
+        "event, or a connection error while the router itself was down; **must be 0 when "
+        "the target was a prefill or a decode** (another instance of its role survives: the "
+        "router retries, or resumes a broken stream from prompt + tokens already sent, "
+        "`fdpd/router/resume.py`); **streams resumed**: streams the router moved to another "
+        "instance mid-way (from the request timelines);",
         "- **leaked blocks**: blocks still held on a live instance once it should be idle, or "
         "a decode ledger not back to zero (grants, reservations, queued allocations) within "
         f"{QUIESCENT_TIMEOUT:g} s (must be 0);",
@@ -93,6 +98,22 @@ def write_report(results: Sequence[RunResult], path: str | os.PathLike, *, comma
     ]
     for kind, row in summary_rows(results):
         lines.append(f"| {kind} | " + " | ".join(str(v) for v in row) + " |")
+    gaps = sorted(g for r in results for g in r.resume_gaps)
+    detects = sorted(d for r in results for d in r.resume_detects)
+    if gaps:
+        lines += ["", f"Fault -> first resumed token, over the {len(gaps)} resumed streams "
+                  f"the clients saw stall: p50 {_quantile(gaps, 0.5):.3f} s, p99 "
+                  f"{_quantile(gaps, 0.99):.3f} s, max {gaps[-1]:.3f} s. Of that, the "
+                  f"router noticing the loss (last token -> noticed, {len(detects)} moves): "
+                  + (f"p50 {_quantile(detects, 0.5):.3f} s, p99 "
+                     f"{_quantile(detects, 0.99):.3f} s " if detects else "none recorded ")
+                  +
+                  "(a SIGKILL is seen from the dropped connection; a SIGSTOP only at the "
+                  "liveness timeout, max(2 s, 6 heartbeats)); the rest is the surviving "
+                  "decode, its small pool already full, making room for the moved streams."]
+    hidden = [r for r in results if r.errors_must_be_hidden]
+    lines += ["", f"Runs where an instance of the broken role survived: {len(hidden)}; "
+              f"client-visible errors in them: {sum(r.clean_errors for r in hidden)}."]
     lines += ["", f"Runs passed: {len(results) - len(failed)} of {len(results)}. A run whose "
               "moment never came (e.g. no write-back happened on that decode) still checks "
               "everything above; it is counted under *fault applied*. Meanwhile the decodes "
@@ -111,3 +132,7 @@ def write_report(results: Sequence[RunResult], path: str | os.PathLike, *, comma
     old = path.read_text() if path.exists() else ""
     notes = old[old.index(NOTES_MARKER):] if NOTES_MARKER in old else f"{NOTES_MARKER}\n"
     path.write_text("\n".join(lines) + "\n" + notes)
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]

@@ -1,19 +1,17 @@
 """The chaos runner: one cluster with a Redis KV store kept across scenarios
-(:class:`ChaosRunner`), the load and the offline reference it is checked against, and one
-run's results (:class:`RunResult`)."""
+(:class:`ChaosRunner`): it sends the load (``load``), applies the fault and checks the run
+(``result.RunResult``)."""
 
 from __future__ import annotations
 
 import math
 import os
-import random
 import shutil
 import signal
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +19,8 @@ import httpx
 
 from fdpd.faults import ENV as FAULT_ENV
 from fdpd.faults import Fault, format_spec
+from fdpd.testing.chaos.load import LoadRequest, Reference, make_load, response_logprobs
+from fdpd.testing.chaos.result import RunResult
 from fdpd.testing.chaos.scenarios import TOKENS, Scenario
 from fdpd.testing.client import Completion, complete
 from fdpd.testing.harness import Cluster, ClusterError
@@ -37,84 +37,6 @@ QUIESCENT_TIMEOUT = 15.0   # > lease + transfer timeout: leftovers must be gone 
 STORE_TIMEOUT = 0.5
 DECODE_BLOCKS = 64         # ~4 requests at full length: growth forces preemptions
 LOGPROB_TOLERANCE = 1e-3
-
-
-# ---------------------------------------------------------------------- load and reference
-@dataclass
-class LoadRequest:
-    body: dict
-
-    @property
-    def prompt(self) -> list[int]:
-        return self.body["prompt"]
-
-    @property
-    def max_tokens(self) -> int:
-        return self.body["max_tokens"]
-
-    @property
-    def logprobs(self) -> bool:
-        return "logprobs" in self.body
-
-
-def make_load(seed: int, n: int, *, min_tokens: int = 48, max_tokens: int = 224
-              ) -> list[LoadRequest]:
-    """Greedy completions on token-id prompts, streamed or not, some sharing a prefix, some
-    asking for logprobs; long enough to decode across the fault."""
-    rng = random.Random(seed)
-    shared = [rng.randrange(256) for _ in range(rng.choice((32, 48, 64)))]
-    load = []
-    for _ in range(n):
-        prompt = ((shared if rng.random() < 0.5 else [])
-                  + [rng.randrange(256) for _ in range(rng.randint(8, 120))])
-        body = {"model": "tiny", "prompt": prompt, "temperature": 0, "ignore_eos": True,
-                "return_token_ids": True, "max_tokens": rng.randint(min_tokens, max_tokens),
-                "stream": rng.random() < 0.5}
-        if rng.random() < 0.3:
-            body["logprobs"] = 0
-        load.append(LoadRequest(body))
-    return load
-
-
-class Reference:
-    """The offline engine's greedy tokens and logprobs, cached by (prompt, max_tokens)."""
-
-    def __init__(self):
-        from fdpd import LLM
-
-        self.llm = LLM("tiny", num_kv_blocks=4096)
-        self.cache: dict[tuple, tuple[list[int], list[float]]] = {}
-
-    def expected(self, items: Sequence[LoadRequest]) -> list[tuple[list[int], list[float]]]:
-        import torch
-
-        from fdpd import SamplingParams
-
-        keys = [(tuple(r.prompt), r.max_tokens) for r in items]
-        todo = sorted({k for k in keys if k not in self.cache})
-        if todo:
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)       # as the cluster's processes (2 cores here)
-            try:
-                outs = self.llm.generate(
-                    [{"prompt_token_ids": list(p)} for p, _ in todo],
-                    [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=0)
-                     for _, n in todo])
-            finally:
-                torch.set_num_threads(threads)
-            for key, out in zip(todo, outs):
-                self.cache[key] = (list(out.outputs[0].token_ids),
-                                   list(out.outputs[0].logprobs or []))
-        return [self.cache[k] for k in keys]
-
-
-def response_logprobs(res: Completion) -> list[float]:
-    chunks = [res.body] if res.body is not None else res.events
-    out: list[float] = []
-    for chunk in chunks:
-        for choice in chunk.get("choices") or []:
-            out.extend((choice.get("logprobs") or {}).get("token_logprobs") or [])
-    return out
 
 
 # ---------------------------------------------------------------------- the KV store
@@ -151,46 +73,6 @@ class RedisServer:
         return self.alive
 
 
-# ---------------------------------------------------------------------- one run's results
-@dataclass
-class RunResult:
-    scenario: Scenario
-    applied: bool = False          # the moment came and the fault was applied
-    sent: int = 0
-    exact: int = 0                 # completed, token-exact
-    clean_errors: int = 0          # ended with an error the client can act on
-    hung: int = 0                  # not ended by its deadline + margin
-    wrong: int = 0                 # completed but not exact, or cut off with no error
-    leaked_blocks: int = 0         # blocks still held once the cluster should be idle
-    nan: int = 0                   # requests with a non-finite or diverging logprob
-    survivors_serve: bool = False
-    rejoined: bool | None = None   # None: nothing was restarted
-    # What the decodes did meanwhile (write-back and restore must really happen).
-    preemptions: int = 0
-    blocks_written: int = 0
-    blocks_restored: int = 0
-    seconds: float = 0.0
-    phases: dict[str, float] = field(default_factory=dict)    # where the run's time went
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return (not self.hung and not self.wrong and not self.leaked_blocks and not self.nan
-                and self.survivors_serve and self.rejoined is not False and not self.problems)
-
-    def line(self) -> str:
-        return (f"{'PASS' if self.passed else 'FAIL'} {self.scenario.kind} "
-                f"[seed {self.scenario.seed}] applied={self.applied} sent={self.sent} "
-                f"exact={self.exact} clean_errors={self.clean_errors} hung={self.hung} "
-                f"wrong={self.wrong} leaked={self.leaked_blocks} nan={self.nan} "
-                f"serve={self.survivors_serve} rejoined={self.rejoined} "
-                f"preempted={self.preemptions} written={self.blocks_written} "
-                f"restored={self.blocks_restored} "
-                f"{self.seconds:.1f}s ("
-                + ", ".join(f"{k} {v:.1f}" for k, v in self.phases.items()) + ")"
-                + "".join(f"\n    {p}" for p in self.problems))
-
-
 class _Stopwatch:
     def __init__(self, phases: dict[str, float]):
         self.phases = phases
@@ -209,6 +91,7 @@ class Outcome:
     error: BaseException | None = None
     ended_at: float | None = None
     streamed: int = 0              # tokens received so far (TOKENS moments)
+    event_times: list[float] = field(default_factory=list)     # when each event came
 
 
 # ---------------------------------------------------------------------- the runner
@@ -298,6 +181,7 @@ class ChaosRunner:
             started = time.monotonic()
             res.applied = self._await_moment(sc, host, outcomes, started)
             mark("moment")
+            fault_at = time.monotonic()
             if res.applied:
                 res.rejoined = self._apply(sc, host)
                 mark("fault")
@@ -310,6 +194,8 @@ class ChaosRunner:
         if sc.at_point and res.applied and host.alive:
             host.env = {**host.env, **clean_env}          # spent: later restarts are clean
         self._classify(sc, res, outcomes, started)
+        if res.applied and sc.target != "router":
+            res.resume_gaps, res.resume_detects = self._resume_gaps(outcomes, fault_at)
         mark("exact")
         self._check_quiescent(res)
         mark("quiesce")
@@ -345,6 +231,7 @@ class ChaosRunner:
         def one(o: Outcome) -> None:
             def progress(c: Completion) -> None:
                 o.streamed = len(c.token_ids)
+                o.event_times.append(time.monotonic())
             try:
                 o.result = complete(client, "/v1/completions", o.request.body,
                                     on_event=progress)
@@ -456,6 +343,26 @@ class ChaosRunner:
                     res.nan += 1
                     res.problems.append(f"request {i}: logprobs not finite or not the "
                                         f"offline engine's: {got[:4]}... vs {logprobs[:4]}...")
+
+    def _resume_gaps(self, outcomes: list[Outcome], fault_at: float
+                     ) -> tuple[list[float], list[float]]:
+        """For each stream the router resumed elsewhere (its request timeline's ``resumes``):
+        fault -> the first token after it (client clock), and the router's last token ->
+        loss noticed (``detect_seconds``)."""
+        recent = self.cluster.client().get("/v1/requests/recent",
+                                           params={"limit": 1000}).json()["data"]
+        resumed = {t["request_id"]: t["resumes"] for t in recent if t.get("resumes")}
+        gaps, detects = [], []
+        for o in outcomes:
+            r = o.result
+            moves = resumed.get(r.events[0].get("id")) if r is not None and r.events else None
+            if not moves:
+                continue
+            detects += [m["detect_seconds"] for m in moves if m.get("detect_seconds") is not None]
+            after = [t for t in o.event_times if t > fault_at]
+            if after and any(t <= fault_at for t in o.event_times):
+                gaps.append(after[0] - fault_at)
+        return gaps, detects
 
     def _check_quiescent(self, res: RunResult) -> None:
         """Every live instance idle: nothing running or queued, every block free, no grant or

@@ -82,5 +82,8 @@ CHOSEN = (
     Scenario("store", "stop-cont", "kvstore.restore", 1, pause=1.0, seed=106,
              num_requests=24),
     Scenario("router", "kill", TOKENS, 150, pause=0.3, seed=107),
+    # SIGKILLed from outside mid-stream, as an OOM killer or an operator would: its streams
+    # resume on the other decode (fdpd.router.resume).
+    Scenario("decode", "kill", TOKENS, 150, pause=0.5, seed=108),
 )
 
