@@ -26,7 +26,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        if fused:
+            return native.rms_norm(x.contiguous(), self.weight, self.eps)
         # In float32 (HF's order: normalise in float32, cast, then scale); F.rms_norm is one
         # fused kernel, bit-identical here to the pow/mean/rsqrt/mul sequence.
         normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
@@ -124,8 +126,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, positions, rope, cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x), meta.native)
+        fused = meta.native
+        x = x + self.self_attn(self.input_layernorm(x, fused), positions, rope, cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x, fused), fused)
 
 
 class LlamaModel(nn.Module):
@@ -159,7 +162,7 @@ class LlamaForCausalLM(nn.Module):
         x = m.embed_tokens(input_ids)
         for i, layer in enumerate(m.layers):
             x = layer(x, positions, m.rotary, kv_cache[:, i], meta)
-        return m.norm(x)
+        return m.norm(x, meta.native)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

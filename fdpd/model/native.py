@@ -94,6 +94,13 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * x / sqrt(mean(x^2) + eps)`` over the last dim (``x`` contiguous)."""
+    out = torch.empty_like(x)
+    torch.ops.fdpd.rms_norm(out, x, weight, eps)
+    return out
+
+
 def main() -> None:
     """``python -m fdpd.model.native``: build the kernels now (scripts/setup runs it)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")

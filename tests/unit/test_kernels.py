@@ -128,3 +128,17 @@ def test_fused_silu_and_mul_equals_torch():
     want = F.silu(gate) * up
     assert torch.isnan(got[0, 0])
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_equals_the_module(dtype):
+    from fdpd.model.llama import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(200, 1e-6).to(dtype)
+    norm.weight.data.normal_()
+    x = (torch.randn(9, 200) * 3).to(dtype)
+    with torch.inference_mode():
+        got, want = norm(x, fused=True), norm(x)
+    assert got.dtype == dtype
+    assert (got.float() - want.float()).abs().max() <= (1e-5 if dtype == torch.float32 else 0.05)

@@ -4,7 +4,8 @@
 // - rope_and_write_kv: rotate q and k by their positions (rotate-half RoPE, the layout of
 //   fdpd.model.llama.RotaryEmbedding's cos/sin tables) straight out of the fused qkv projection,
 //   and store the rotated k and the v of every new token in its cache slot;
-// - silu_and_mul: SiLU(gate) * up from the fused gate_up projection.
+// - silu_and_mul: SiLU(gate) * up from the fused gate_up projection;
+// - rms_norm: one pass for the sum of squares, one to scale (torch runs ~6 ops on CPU).
 //
 // Arithmetic in float32 with one rounding to the activation dtype at the end (the torch path
 // rounds after every op in bf16; in float32 the two agree to the last bit or two).
@@ -76,6 +77,45 @@ void silu_mul_kernel(const T* gate_up, T* out, int64_t rows, int64_t inter) {
   });
 }
 
+// out = weight * (x / sqrt(mean(x^2) + eps)), per row, float32 inside (HF's order: normalise
+// in float32, round to the activation dtype, then scale).
+template <typename T>
+void rms_norm_kernel(const T* x, const T* weight, T* out, int64_t rows, int64_t n, float eps) {
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * n;
+      T* o = out + r * n;
+      float ss = 0.f;
+      int64_t i = 0;
+      if constexpr (std::is_same_v<T, float>) {
+#ifdef __AVX2__
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+        for (; i + 16 <= n; i += 16) {
+          const __m256 v0 = _mm256_loadu_ps(xr + i), v1 = _mm256_loadu_ps(xr + i + 8);
+          a0 = _mm256_fmadd_ps(v0, v0, a0);
+          a1 = _mm256_fmadd_ps(v1, v1, a1);
+        }
+        ss = fdpd::hsum(_mm256_add_ps(a0, a1));
+#endif
+      }
+      for (; i < n; ++i) ss += static_cast<float>(xr[i]) * static_cast<float>(xr[i]);
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+      i = 0;
+      if constexpr (std::is_same_v<T, float>) {
+#ifdef __AVX2__
+        const __m256 iv = _mm256_set1_ps(inv);
+        for (; i + 8 <= n; i += 8)
+          _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_loadu_ps(weight + i),
+                                                _mm256_mul_ps(_mm256_loadu_ps(xr + i), iv)));
+#endif
+      }
+      for (; i < n; ++i)
+        o[i] = static_cast<T>(static_cast<float>(weight[i]) *
+                              static_cast<float>(static_cast<T>(static_cast<float>(xr[i]) * inv)));
+    }
+  });
+}
+
 template <typename F>
 void dispatch(at::ScalarType dtype, const char* name, F&& run) {
   switch (dtype) {
@@ -119,6 +159,17 @@ void silu_and_mul(torch::Tensor out, torch::Tensor gate_up) {
   });
 }
 
+void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && weight.is_contiguous() &&
+              weight.scalar_type() == x.scalar_type() && weight.numel() == x.size(-1),
+              "rms_norm: contiguous x [rows, n] and weight [n] of one dtype");
+  dispatch(x.scalar_type(), "rms_norm", [&](auto tag) {
+    using T = decltype(tag);
+    rms_norm_kernel<T>(x.data_ptr<T>(), weight.data_ptr<T>(), out.data_ptr<T>(),
+                       x.numel() / x.size(-1), x.size(-1), static_cast<float>(eps));
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fdpd, m) {
@@ -126,9 +177,11 @@ TORCH_LIBRARY_FRAGMENT(fdpd, m) {
         "Tensor cos, Tensor sin, Tensor(c!) layer_cache, Tensor slot_blocks, "
         "Tensor slot_offsets) -> ()");
   m.def("silu_and_mul(Tensor(a!) out, Tensor gate_up) -> ()");
+  m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fdpd, CPU, m) {
   m.impl("rope_and_write_kv", &rope_and_write_kv);
   m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("rms_norm", &rms_norm);
 }

@@ -15,9 +15,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
+#include "vec.h"
 
 #include <algorithm>
 #include <cmath>
@@ -39,12 +37,6 @@ inline __m256 load8(const c10::BFloat16* p) {
 inline __m256 load8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
 #endif
 
 // q (float32) . k; four independent accumulators keep the FMA units busy.
@@ -61,7 +53,7 @@ inline float dot(const float* __restrict q, const T* __restrict k, int64_t d) {
     a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 24), load8(k + i + 24), a3);
   }
   for (; i + 8 <= d; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), a0);
-  s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  s = fdpd::hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 #endif
   for (; i < d; ++i) s += q[i] * to_float(k[i]);
   return s;

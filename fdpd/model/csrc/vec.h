@@ -7,6 +7,13 @@
 
 namespace fdpd {
 
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
 // exp(x) for 8 floats: Cephes' range reduction and degree-5 polynomial (~1 ulp in float32).
 // Inputs are clamped to [-88.38, 88.38]: exp never overflows to inf; NaN lanes become finite
 // here but callers multiply by the NaN input again, so NaN still propagates.
