@@ -21,6 +21,7 @@ import json
 import os
 import random
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ WORKLOADS = {
 QUICK = {"num_prompts": 4, "min_len": 8, "max_len": 48, "output_len": 8, "repeat": 1,
          "hidden": 128, "layers": 2, "heads": 2, "vocab": 1024}
 POSITIVE = click.IntRange(min=1)
+SETTLE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,10 @@ def measure(runners: dict[str, Runner], prompts: list[list[int]], lens: list[int
     runs: dict[str, list[Run]] = {name: [] for name in runners}
     for _ in range(repeat):
         for name, run in runners.items():
+            # vLLM's processes busy-poll their queues for a second after each request
+            # (shm_broadcast's busy_loop_s): the next engine must not start on a core that
+            # one of them still spins on.
+            time.sleep(SETTLE_S)
             runs[name].append(run(prompts, lens))
     results = {name: RunResult(name, min(r.wall_s for r in rs), min(r.cpu_s for r in rs),
                                sum(map(len, rs[-1].tokens)), tuple(r.wall_s for r in rs))

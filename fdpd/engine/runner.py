@@ -114,35 +114,27 @@ class ModelRunner:
         if not decodes:
             return []
         if self.native_attention:
-            return [self._native_decode_group(decodes)]
+            return [self._decode_group(decodes, native=True)]
         decodes = sorted(decodes, key=lambda d: d[1].start)
         size = -(-len(decodes) // MAX_DECODE_GROUPS)
         return [self._decode_group(decodes[i:i + size]) for i in range(0, len(decodes), size)]
 
-    def _native_decode_group(self, decodes: list[tuple[int, BatchItem]]) -> DecodeGroup:
+    def _decode_group(self, decodes: list[tuple[int, BatchItem]],
+                      native: bool = False) -> DecodeGroup:
+        """One batch of decodes: their block tables padded to the longest context, and either
+        the context lengths (native kernel) or the visibility mask (padded SDPA)."""
         bs, dev = self.block_size, self.device
         lens = [item.start + 1 for _, item in decodes]
         width = -(-max(lens) // bs)
         table = [list(item.block_ids[:width]) + [0] * (width - min(width, len(item.block_ids)))
                  for _, item in decodes]
+        lens_t = torch.tensor(lens, dtype=torch.long, device=dev)
         index = [first for first, _ in decodes]
         run = ((index[0], index[0] + len(index))
                if index == list(range(index[0], index[0] + len(index))) else None)
-        return DecodeGroup(torch.tensor(index, dtype=torch.long, device=dev),
-                           torch.tensor(table, dtype=torch.long, device=dev), None, run,
-                           seq_lens=torch.tensor(lens, dtype=torch.long, device=dev))
-
-    def _decode_group(self, decodes: list[tuple[int, BatchItem]]) -> DecodeGroup:
-        bs, dev = self.block_size, self.device
-        lens = [item.start + 1 for _, item in decodes]
-        width = -(-max(lens) // bs)
-        table = [list(item.block_ids[:width]) + [0] * (width - min(width, len(item.block_ids)))
-                 for _, item in decodes]
-        lens_t = torch.tensor(lens, device=dev)
+        index_t = torch.tensor(index, dtype=torch.long, device=dev)
+        table_t = torch.tensor(table, dtype=torch.long, device=dev)
+        if native:
+            return DecodeGroup(index_t, table_t, None, run, seq_lens=lens_t)
         mask = torch.arange(width * bs, device=dev)[None, :] < lens_t[:, None]
-        index = [first for first, _ in decodes]
-        run = ((index[0], index[0] + len(index))
-               if index == list(range(index[0], index[0] + len(index))) else None)
-        return DecodeGroup(torch.tensor(index, dtype=torch.long, device=dev),
-                           torch.tensor(table, dtype=torch.long, device=dev),
-                           mask[:, None, None, :], run)
+        return DecodeGroup(index_t, table_t, mask[:, None, None, :], run)

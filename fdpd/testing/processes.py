@@ -29,6 +29,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def two_free_ports(host: str = "127.0.0.1") -> int:
+    """A port P with P+1 free too (a router's HTTP and control ports)."""
+    for _ in range(50):
+        port = free_port(host)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
 @dataclass
 class ClusterProcess:
     """A router or engine instance process. ``name`` is also the instance id it registers

@@ -17,9 +17,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
-from fdpd import LLM, SamplingParams
+from fdpd.testing.expected import offline_greedy
 from fdpd.testing import Completion, complete
 
 pytestmark = pytest.mark.timeout(120)
@@ -36,11 +35,7 @@ def prompts(seed: int = 7) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def expected() -> list[list[int]]:
-    torch.set_num_threads(1)
-    llm = LLM("tiny", num_kv_blocks=2048)
-    outs = llm.generate(prompts(), SamplingParams(max_tokens=MAX_TOKENS, temperature=0,
-                                                  ignore_eos=True))
-    return [o.outputs[0].token_ids for o in outs]
+    return offline_greedy(prompts(), MAX_TOKENS)
 
 
 def request(client, prompt: list[int], stream: bool, times: list[float]) -> Completion:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 import fdpd
-from fdpd.testing import free_port
+from fdpd.testing.processes import two_free_ports
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -41,17 +40,6 @@ def child_of(parent: int) -> int:
     raise LookupError(f"no child of {parent}")
 
 
-def two_free_ports() -> int:
-    """A port P with P+1 free too (the router's HTTP and control ports)."""
-    for _ in range(50):
-        port = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two consecutive free ports")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -19,7 +19,7 @@ import pytest
 import fdpd
 from fdpd import LLM, SamplingParams
 from fdpd.testing import complete
-from fdpd.testing.processes import deadline_loop, free_port
+from fdpd.testing.processes import deadline_loop, two_free_ports
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -46,18 +46,6 @@ def child_pid(parent: int, name: str) -> int:
     raise LookupError(f"no child {name} of {parent}")
 
 
-def ports() -> int:
-    import socket
-
-    for _ in range(50):
-        port = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two consecutive free ports")
 
 
 def instances(client: httpx.Client) -> dict[str, dict]:
@@ -72,7 +60,7 @@ def test_up_restarts_a_killed_prefill_and_decode_while_serving(tmp_path):
     want = LLM("tiny", num_kv_blocks=256).generate(
         [PROMPT], SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
     )[0].outputs[0].token_ids
-    port = ports()
+    port = two_free_ports()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     up = subprocess.Popen(
         [sys.executable, "-m", "fdpd", "up", "--num-prefill", "2", "--num-decode", "2",
