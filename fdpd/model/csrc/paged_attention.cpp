@@ -98,9 +98,21 @@ void decode_kernel(const Q* q, const T* cache, const int64_t* table, const int64
         float* s = scores.data() + g * len;
         const float m = *std::max_element(s, s + len);
         float sum = 0.f;
-        for (int64_t t = 0; t < len; ++t) { s[t] = std::exp(s[t] - m); sum += s[t]; }
+        int64_t t = 0;
+#ifdef __AVX2__
+        // exp dominated the kernel with std::exp (~20 cycles a score against ~8 for the dot).
+        const __m256 mv = _mm256_set1_ps(m);
+        __m256 sv = _mm256_setzero_ps();
+        for (; t + 8 <= len; t += 8) {
+          const __m256 e = fdpd::exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv));
+          _mm256_storeu_ps(s + t, e);
+          sv = _mm256_add_ps(sv, e);
+        }
+        sum = fdpd::hsum(sv);
+#endif
+        for (; t < len; ++t) { s[t] = std::exp(s[t] - m); sum += s[t]; }
         const float inv = 1.f / sum;
-        for (int64_t t = 0; t < len; ++t) s[t] *= inv;
+        for (t = 0; t < len; ++t) s[t] *= inv;
       }
       // Values: one pass.
       std::fill(acc.begin(), acc.end(), 0.f);
