@@ -126,6 +126,23 @@ class ChatFormat:
         return out
 
 
+def render_messages(messages: list, template: str | None, tokenizer: Tokenizer,
+                    add_generation_prompt: bool = True) -> str:
+    """The prompt text of a request's chat ``messages``, or a 400 naming ``messages``."""
+    try:
+        text = render_chat([m.for_template() for m in messages], template, tokenizer,
+                           add_generation_prompt=add_generation_prompt)
+    except ChatTemplateError as exc:
+        raise bad_request(str(exc), "messages") from None
+    except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as exc:
+        # A template computing on fields it does not check (``for call in m.tool_calls`` with
+        # tool_calls a number): the messages do not fit this model's template, as vLLM says.
+        raise bad_request(f"the model's chat template failed on these messages: "
+                          f"{type(exc).__name__}: {exc}", "messages") from None
+    serving.check_text(text, "messages")
+    return text
+
+
 async def create_chat_completion(request: Request, body: ChatCompletionRequest,
                                  ctx: Any) -> Response:
     """``ctx`` is the app's :class:`fdpd.router.app.AppContext` (core, metrics)."""
@@ -142,17 +159,7 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest,
     which = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     params = serving.sampling_params(body.sampling_params, max_tokens, logprobs,
                                      rename={"max_tokens": which, "logprobs": "top_logprobs"})
-    try:
-        text = render_chat([m.for_template() for m in body.messages], core.chat_template,
-                           tokenizer)
-    except ChatTemplateError as exc:
-        raise bad_request(str(exc), "messages") from None
-    except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as exc:
-        # A template computing on fields it does not check (``for call in m.tool_calls`` with
-        # tool_calls a number): the messages do not fit this model's template, as vLLM says.
-        raise bad_request(f"the model's chat template failed on these messages: "
-                          f"{type(exc).__name__}: {exc}", "messages") from None
-    serving.check_text(text, "messages")
+    text = render_messages(body.messages, core.chat_template, tokenizer)
     prompt_ids = encode_chat_prompt(text, tokenizer)
     serving.check_prompt_ids(prompt_ids, tokenizer, "messages")
     params = serving.fit_to_context(params, len(prompt_ids), core.max_model_len,

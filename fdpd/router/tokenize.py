@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict
 
 from fdpd.model.tokenizer import Tokenizer
 from fdpd.router import serving
-from fdpd.router.chat import ChatTemplateError, encode_chat_prompt, render_chat
+from fdpd.router.chat import encode_chat_prompt
+from fdpd.router.chat_completions import render_messages
 from fdpd.router.errors import bad_request
 from fdpd.router.openai_api import ChatMessage, resolve_model
 
@@ -60,15 +61,8 @@ def tokenize(body: TokenizeRequest, ctx: Any) -> dict[str, Any]:
 
 
 def _chat_ids(body: TokenizeRequest, core: Any, tokenizer: Tokenizer) -> list[int]:
-    try:
-        text = render_chat([m.for_template() for m in body.messages or []], core.chat_template,
-                           tokenizer, add_generation_prompt=body.add_generation_prompt)
-    except ChatTemplateError as exc:
-        raise bad_request(str(exc), "messages") from None
-    except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as exc:
-        raise bad_request(f"the model's chat template failed on these messages: "
-                          f"{type(exc).__name__}: {exc}", "messages") from None
-    serving.check_text(text, "messages")
+    text = render_messages(body.messages or [], core.chat_template, tokenizer,
+                           body.add_generation_prompt)
     if body.add_special_tokens:
         return tokenizer.encode(text)
     return encode_chat_prompt(text, tokenizer)
