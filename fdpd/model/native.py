@@ -62,13 +62,15 @@ def available(device: torch.device) -> bool:
     return device.type == "cpu" and load() is None
 
 
+# The wrappers below are on the step's hot path: they assume load() succeeded (the runner only
+# picks them when ``available``), and torch.ops raises AttributeError otherwise.
+
+
 def paged_decode_attention(out: torch.Tensor, q: torch.Tensor, layer_cache: torch.Tensor,
                            block_table: torch.Tensor, seq_lens: torch.Tensor,
                            scale: float) -> None:
     """``out[B, Hq, D]`` = attention of ``q[B, Hq, D]`` (one token per request) over the first
     ``seq_lens[b]`` positions of request b's blocks in ``layer_cache[blocks, 2, bs, Hkv, D]``."""
-    if load() is not None:
-        raise RuntimeError(f"fdpd native kernels unavailable: {load()}")
     torch.ops.fdpd.paged_decode_attention(out, q, layer_cache, block_table, seq_lens, scale)
 
 

@@ -22,6 +22,11 @@ from tests.model_factory import make_checkpoint
 from tests.unit.test_engine_exactness import ENGINE_ARGS, GREEDY, mixed_prompts, run_batch
 
 
+@pytest.fixture(autouse=True)
+def native_kernels_loaded():
+    native.load()
+
+
 def test_native_kernels_build_here():
     # CI's machine has a compiler: a silent fallback would hide a slower engine.
     assert native.load() is None
