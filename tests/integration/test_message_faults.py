@@ -482,7 +482,12 @@ def test_requests_end_exact_or_cleanly_under_message_faults(faulty_cluster, refe
     after = {v["instance_id"]: v for v in cluster.cluster()["instances"]}
     # Concurrent prompts share the prefill's step budget, so many take several chunks: their
     # KV travelled chunk by chunk while the rest computed, through the same faults.
-    assert after["prefill-0"]["kv_blocks_streamed"] > before["prefill-0"]["kv_blocks_streamed"]
+    # Only where no message is dropped: a dropped AllocRequest or Grant leaves the prefill
+    # without a grant until its retry, and chunks computed before a grant have nothing to
+    # stream into (seen: 0 streamed in a [drop] run), so there it is not guaranteed.
+    if "dropped" not in EXPECTED_ACTIONS[plan_name]:
+        assert (after["prefill-0"]["kv_blocks_streamed"]
+                > before["prefill-0"]["kv_blocks_streamed"])
     for proc in cluster.instances():
         assert proc.alive, why(cluster, f"{proc.name} exited")
         assert after[proc.name]["handler_errors"] == before[proc.name]["handler_errors"], \
