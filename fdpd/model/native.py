@@ -40,9 +40,10 @@ def load() -> str | None:
     if os.environ.get("FDPD_NATIVE_KERNELS", "1") == "0":
         return "disabled by FDPD_NATIVE_KERNELS=0"
     cflags = ["-O3", f"-march={os.environ.get('FDPD_NATIVE_MARCH', 'native')}", "-fopenmp"]
-    # One build directory per source version and flags: a process never loads a library built
-    # from other sources (several checkouts or versions may share the extension cache).
-    digest = hashlib.sha256(" ".join(cflags).encode())
+    # One build directory per checkout, source version and flags: a process never loads a
+    # library built from other sources, and two checkouts sharing the extension cache never
+    # take turns rebuilding one directory (its build.ninja names the sources by path).
+    digest = hashlib.sha256(" ".join([*cflags, str(CSRC.resolve())]).encode())
     for path in sorted(SOURCES.union(HEADERS)):
         digest.update(path.read_bytes())
     try:

@@ -78,12 +78,13 @@ class PrefillService(InstanceService):
         self.staging = kv_transfer.StagingPool()
         # Shipped requests whose frames may still be on the wire.
         self.sending: list[Shipment] = []
+        self.lost_peers: set[str] = set()       # decodes whose connection dropped (not back)
         self.peers: dict[str, str] = {}           # decode instance id -> inbox address
         # Duplicates (a message delivered twice, maybe late) must not act twice: every request
         # whose KV went out under its grant (Submits: ``self.submits``, see the base class).
         self.shipped = RecentIds()
         self.counters.update({"kv_bytes_sent": 0, "kv_blocks_sent": 0, "transfers": 0,
-                              "transfer_failures": 0, "grant_timeouts": 0,
+                              "transfer_failures": 0, "grant_timeouts": 0, "grant_waits_lost": 0,
                               "kv_sends_abandoned": 0, "first_tokens_early": 0,
                               "kv_blocks_streamed": 0})
 
@@ -267,18 +268,19 @@ class PrefillService(InstanceService):
 
     def _release_sent(self) -> None:
         """Free the KV of shipped requests whose frames libzmq has released. A shipment still
-        unsent after the grant's lifetime is for a decode that is gone (its grant has expired
-        there anyway): its connection is dropped, which releases the frames, and the blocks
-        are freed on a later tick."""
+        unsent after the grant's lifetime, or to a decode whose connection dropped, is for a
+        decode that is gone (its grant has expired or died with it): its connection is dropped,
+        which releases the frames, and the blocks are freed on a later tick."""
         still = []
         now = time.monotonic()
         for s in self.sending:
             if all(t.done for t in s.trackers):
                 self.engine.block_manager.free(s.owner)
                 continue
-            if now >= s.deadline:
-                log.warning("KV for %s not sent within %.0f s; dropping the connection to %s",
-                            s.owner, self.pd.grant_ttl, s.address)
+            if now >= s.deadline or (s.address in self.lost_peers and s.deadline < float("inf")):
+                log.warning("KV for %s not sent (%s); dropping the connection to %s", s.owner,
+                            "connection lost" if s.address in self.lost_peers
+                            else f"not within {self.pd.grant_ttl:.0f} s", s.address)
                 self.transport.drop_peer(s.address)
                 self.counters["kv_sends_abandoned"] += 1
                 s.deadline = float("inf")
@@ -318,6 +320,22 @@ class PrefillService(InstanceService):
             return
         self._drop(job)
         self.send(job.decode_address, Abort(msg.req_id, msg.reason))
+
+    def on_peer_connection(self, address: str, connected: bool) -> None:
+        """A decode's connection dropped: the KV queued for it and the grants asked of it are
+        lost with it, so shipments to it are released now and jobs waiting for its grant go
+        back to the router at once (not at the grant and transfer timeouts)."""
+        if connected:
+            self.lost_peers.discard(address)
+            return
+        self.lost_peers.add(address)
+        if self.sending:
+            self._release_sent()
+        for job in [j for j in self.jobs.values()
+                    if j.grant is None and j.decode_address == address]:
+            self.counters["grant_waits_lost"] += 1
+            self._give_up(job, "decode connection lost", "decode connection lost",
+                          job.decode_id)
 
     def tick(self) -> None:
         if self.sending:

@@ -62,8 +62,12 @@ class InstanceService:
         self.pd = pd
         self.inst = inst
         self.epoch = new_epoch()
+        # (peer address, connected?) from the IO thread's socket monitors, handled by the loop.
+        self._connection_events: deque[tuple[str, bool]] = deque()
         self.transport = Transport("unbound", self.epoch, f"tcp://{inst.host}:{inst.port}",
-                                   secret=pd.cluster_key)
+                                   secret=pd.cluster_key,
+                                   on_connection=lambda a, up: self._connection_events.append(
+                                       (a, up)))
         self._address = inst.advertised(self.transport.address)
         self.instance_id = inst.instance_id or f"{self.role}@{self._address[6:]}"
         self.transport.codec.src = self.instance_id
@@ -184,6 +188,8 @@ class InstanceService:
             self._dispatch(inbound)
             budget -= 1
             inbound = self.transport.recv() if budget > 0 else None
+        while self._connection_events:
+            self.on_peer_connection(*self._connection_events.popleft())
         self.tick()
         if self.engine.has_unfinished_requests():
             self.on_step(self.engine.step())
@@ -204,6 +210,10 @@ class InstanceService:
 
     def tick(self) -> None:
         """Role timers (leases, deadlines). Called once per loop iteration."""
+
+    def on_peer_connection(self, address: str, connected: bool) -> None:
+        """The TCP connection to a peer this process sends to came up or dropped (a killed
+        process's kernel closes its sockets at once, long before heartbeats are missed)."""
 
     def on_step(self, outputs: list[StepOutput]) -> None:
         """What the role does with one engine step's results."""
