@@ -55,7 +55,9 @@ class EngineConfig:
     max_model_len: int | None = _opt(None, "Longest prompt+output in tokens (default: the "
                                      "model's max_position_embeddings).")
     enable_prefix_caching: bool = _opt(True, "Reuse KV blocks of identical prompt prefixes.")
-    scheduling_policy: str = _opt("fcfs", "Queue order: fcfs or priority (lower value first).")
+    scheduling_policy: str = _opt("auto", "Queue order: fcfs, priority (lower value first), "
+                                  "shortest (fewest tokens left first, aged by waiting time) "
+                                  "or auto (shortest on a prefill instance, else fcfs).")
     kv_store: str | None = _opt(None, "KV store for preempted (and, with "
                                 "--kv-store-write-finished, finished) requests' KV: "
                                 "disk:PATH | redis://HOST:PORT/DB | "
@@ -75,6 +77,13 @@ class EngineConfig:
                                   "replaces each forward pass by a sleep of that cost (weights "
                                   "are not loaded; KV blocks, transfers and outputs stay real).")
 
+    def resolved_policy(self, role: str) -> str:
+        """The queue order an engine of ``role`` runs: ``auto`` is shortest-first on a prefill
+        instance (a short prompt never waits out a long one's chunks) and FCFS elsewhere."""
+        if self.scheduling_policy != "auto":
+            return self.scheduling_policy
+        return "shortest" if role == "prefill" else "fcfs"
+
     def __post_init__(self) -> None:
         self._check_positive("block_size", "max_num_seqs", "max_num_batched_tokens",
                              "kv_cache_memory")
@@ -89,9 +98,9 @@ class EngineConfig:
                               f"{self.dtype!r}")
         if self.kernels not in KERNELS:
             raise ConfigError("kernels", f"must be one of {list(KERNELS)}, got {self.kernels!r}")
-        if self.scheduling_policy not in ("fcfs", "priority"):
-            raise ConfigError("scheduling_policy", f"must be fcfs or priority, got "
-                              f"{self.scheduling_policy!r}")
+        if self.scheduling_policy not in ("auto", "fcfs", "priority", "shortest"):
+            raise ConfigError("scheduling_policy", f"must be auto, fcfs, priority or shortest, "
+                              f"got {self.scheduling_policy!r}")
         if not isinstance(self.kv_store_timeout, (int, float)) or not self.kv_store_timeout > 0:
             raise ConfigError("kv_store_timeout", f"must be a positive number of seconds, got "
                               f"{self.kv_store_timeout!r}")

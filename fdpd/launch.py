@@ -9,6 +9,8 @@ signal terminates them by pid, waits, then kills what is left.
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import signal
 import sys
@@ -72,7 +74,8 @@ def run_instance(engine_config: EngineConfig, pd: PDConfig, inst: InstanceConfig
     torch.set_num_threads(torch_threads)
     services = {"prefill": PrefillService, "decode": DecodeService, "mixed": MixedService}
     stop, drain = _drain_on_sigterm()
-    engine = Engine(engine_config)
+    engine = Engine(dataclasses.replace(
+        engine_config, scheduling_policy=engine_config.resolved_policy(inst.role)))
     service = services[inst.role](engine, pd, inst)
     if log_tag is not None:
         log_tag.tag = service.instance_id

@@ -113,7 +113,7 @@ class Engine:
         self.scheduler = Scheduler(
             self.block_manager, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=self.max_model_len, policy=config.scheduling_policy,
+            max_model_len=self.max_model_len, policy=config.resolved_policy("mixed"),
             preemption=preemption)
         self.sampler = Sampler(mc.vocab_size, self.device)
         self._seeds = random.Random(config.seed)

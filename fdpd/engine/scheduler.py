@@ -2,7 +2,13 @@
 
 One step has a token budget. Running requests go first, oldest first (a decode costs one token,
 an unfinished prompt continues with a chunk), then waiting requests are admitted while budget,
-seats and blocks last. When a running request cannot grow, the lowest-priority (then newest)
+seats and blocks last. Under the ``shortest`` policy (a prefill instance's default) the order is
+the fewest tokens left to compute first, less ``AGING_TOKENS_PER_S`` for each second a request
+has waited since it arrived, running and waiting requests alike: a short prompt that arrives
+while a long one is mid-prefill runs in the next step instead of after the long one's remaining
+chunks, and the long one still goes first once it has waited long enough.
+
+When a running request cannot grow, the lowest-priority (then newest)
 unscheduled running request is preempted: its blocks go back through the ``PreemptionHandler``
 and it waits at the front of the queue to be recomputed (or, with a KV store, restored).
 """
@@ -13,11 +19,22 @@ import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fdpd.engine.block_manager import BlockManager, compute_block_hashes
 from fdpd.engine.preemption import PreemptionHandler, RecomputePreemption
 from fdpd.engine.request import Request, RequestStatus
+
+POLICIES = ("fcfs", "priority", "shortest")
+# ``shortest``: a second of waiting counts as this many tokens less to compute. A fresh
+# 128-token prompt goes before a 2048-token one until the long one has waited ~2 s.
+AGING_TOKENS_PER_S = 1000.0
+
+
+def shortest_first_key(now: float) -> Callable[[Request], float]:
+    """The ``shortest`` order: tokens left to compute, less the aging credit."""
+    return lambda r: (r.num_tokens - r.num_computed_tokens
+                      - AGING_TOKENS_PER_S * (now - r.arrival_time))
 
 
 def _stamp_first_schedule(scheduled: list[tuple[Request, int]]) -> None:
@@ -35,8 +52,10 @@ def kv_owner(req: Request) -> str:
 
 
 class WaitingQueue:
-    """FCFS (deque) or priority (heap on priority, arrival). Finished (aborted) requests are
-    skipped lazily rather than removed, to keep every operation O(1) / O(log n)."""
+    """FCFS (deque), priority (heap on priority, arrival) or shortest (a deque searched for the
+    smallest ``shortest_first_key``: its keys change with time, and a prefill instance's queue
+    is short). Finished (aborted) requests are skipped lazily rather than removed, to keep
+    every FCFS and priority operation O(1) / O(log n)."""
 
     def __init__(self, policy: str):
         self.policy = policy
@@ -58,12 +77,20 @@ class WaitingQueue:
         self._drop_finished()
         if self.policy == "priority":
             return self._heap[0][3] if self._heap else None
+        if self.policy == "shortest" and len(self._fifo) > 1:
+            return min(self, key=shortest_first_key(time.monotonic()), default=None)
         return self._fifo[0] if self._fifo else None
 
-    def pop(self) -> Request:
+    def pop(self, req: Request | None = None) -> Request:
+        """Remove the head, or ``req`` (what ``peek`` returned, under ``shortest``)."""
         self._drop_finished()
         self._live -= 1
-        return heapq.heappop(self._heap)[3] if self.policy == "priority" else self._fifo.popleft()
+        if self.policy == "priority":
+            return heapq.heappop(self._heap)[3]
+        if req is not None and self._fifo[0] is not req:
+            self._fifo.remove(req)
+            return req
+        return self._fifo.popleft()
 
     def discard(self, req: Request) -> None:
         """Account for ``req`` having been finished while queued (it is skipped later)."""
@@ -175,9 +202,18 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         running: list[Request] = []
         queue = list(self.running)
+        order = shortest_first_key(time.monotonic()) if self.policy == "shortest" else None
+        if order is not None:
+            queue.sort(key=order)
         i = 0
         while i < len(queue) and budget > 0:
             req = queue[i]
+            if order is not None and not out.preempted:
+                # Waiting requests that come before this one in the order are admitted first.
+                budget = self._admit_waiting(budget, running, out, len(queue) - i,
+                                             before=order(req), order=order)
+                if budget <= 0:
+                    break
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             stalled = False
             while not self.bm.grow(req.request_id, req.num_computed_tokens + num_new):
@@ -200,24 +236,32 @@ class Scheduler:
                 budget -= num_new
                 i += 1
         running.extend(queue[i:])
+        self._admit_waiting(budget, running, out, 0, order=order)
+        self.running = running
+        _stamp_first_schedule(out.scheduled)
+        return out
 
+    def _admit_waiting(self, budget: int, running: list[Request], out: SchedulerOutput,
+                       unscheduled: int, before: float | None = None,
+                       order: Callable[[Request], float] | None = None) -> int:
+        """Admit waiting requests while budget, seats (``unscheduled`` running requests not
+        yet in ``running`` hold one each) and blocks last, and, with ``before``, while the
+        head comes before that key in ``order``. Returns the budget left."""
         # Admitting new work in a step that had to preempt would only preempt again.
         while (not out.preempted and budget > 0
-               and len(running) + len(self.loading) < self.max_num_seqs):
+               and len(running) + unscheduled + len(self.loading) < self.max_num_seqs):
             req = self.waiting.peek()
-            if req is None:
+            if req is None or (before is not None and order(req) >= before):
                 break
             admitted = self._admit(req, budget)
             if admitted is None:
                 break                                  # head of line waits
-            self.waiting.pop()
+            self.waiting.pop(req)
             if admitted:
                 running.append(req)
                 out.scheduled.append((req, admitted))
                 budget -= admitted
-        self.running = running
-        _stamp_first_schedule(out.scheduled)
-        return out
+        return budget
 
     def _admit(self, req: Request, budget: int) -> int | None:
         """Give ``req`` its blocks. Returns the tokens to run now (0: it is loading from the

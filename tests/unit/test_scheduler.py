@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from fdpd.engine.block_manager import BlockManager
@@ -121,6 +123,42 @@ def test_priority_policy_orders_admission_and_preemption():
     plan, preempted = run_step(s)
     assert preempted == ["low"]                          # lowest priority goes, not newest
     assert plan == [("high", 1), ("mid", 1)]
+
+
+def test_shortest_policy_runs_a_short_prompt_ahead_of_a_long_ones_chunks():
+    plans = {}
+    for policy in ("fcfs", "shortest"):
+        s = make(num_blocks=64, budget=16, policy=policy)
+        now = time.monotonic()
+        s.add(req("long", 64, arrival=now))
+        assert run_step(s) == ([("long", 16)], [])
+        s.add(req("short", 6, arrival=now, first=100))
+        plans[policy] = [run_step(s)[0] for _ in range(3)]
+    # FCFS: the short prompt waits for budget the long one's chunks leave over.
+    assert plans["fcfs"] == [[("long", 16)], [("long", 16)], [("long", 16)]]
+    # Shortest first: it runs at once, its decodes too; the long one takes what is left.
+    assert plans["shortest"] == [[("short", 6), ("long", 10)], [("short", 1), ("long", 15)],
+                                 [("short", 1), ("long", 15)]]
+
+
+def test_shortest_policy_ages_a_long_wait_ahead_of_fresh_short_prompts():
+    s = make(num_blocks=64, budget=16, policy="shortest")
+    now = time.monotonic()
+    # 64 tokens left, waited 0.1 s: 64 - 100 = -36 comes before a fresh 6-token prompt.
+    s.add(req("fresh", 6, arrival=now, first=100))
+    s.add(req("waited", 64, arrival=now - 0.1))
+    assert run_step(s) == ([("waited", 16)], [])
+    assert run_step(s) == ([("waited", 16)], [])
+
+
+def test_auto_policy_is_shortest_on_a_prefill_instance_only():
+    from fdpd.config import EngineConfig
+
+    config = EngineConfig(model="tiny")
+    assert [config.resolved_policy(r) for r in ("prefill", "decode", "mixed")] == \
+        ["shortest", "fcfs", "fcfs"]
+    assert EngineConfig(model="tiny", scheduling_policy="fcfs").resolved_policy("prefill") \
+        == "fcfs"
 
 
 def test_preempted_request_resumes_with_prefix_cache_hits():
