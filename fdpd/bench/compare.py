@@ -161,6 +161,11 @@ def vllm_settings(binary: str | None, threads_bind: str, kvcache_gib: float, arg
 @click.option("--vllm-startup-timeout", default=600.0, show_default=True,
               help="Seconds `vllm serve` may take to answer /v1/models.")
 @workload_options
+@click.option("--sweep", default=None, metavar="RATE,RATE,...",
+              help="Run each system once at each of these request rates (req/s) instead of "
+              "--request-rate, lowest first, starting it only once; --json PATH then writes "
+              "one file per rate (PATH with _rate<R> before its suffix, per-request timings "
+              "included) and the SLO attainment table of `bench slo-table` ends the output.")
 @click.option("--json", "json_path", default=None, help="Write every result and the ratios.")
 @click.option("--save-requests", is_flag=True, help="Include per-request timings in --json.")
 @click.option("--plot-dir", default=None, help="Write overlaid CDF / ITL-over-time PNGs here.")
@@ -170,8 +175,8 @@ def vllm_settings(binary: str | None, threads_bind: str, kvcache_gib: float, arg
 def command(model, hidden, layers, heads, kv_heads, vocab, max_positions, num_prefill,
             num_decode, num_mixed, engine_args, prefill_args, decode_args, mixed_args, systems,
             order, vllm_bin, vllm_threads_bind, vllm_kvcache_gib, vllm_args,
-            vllm_startup_timeout, json_path, save_requests, plot_dir, plot_prefix, log_dir,
-            progress, **v):
+            vllm_startup_timeout, sweep, json_path, save_requests, plot_dir, plot_prefix,
+            log_dir, progress, **v):
     """PD (P + D) vs. colocated (mixed) clusters vs. vLLM under the same `bench serve` load."""
     try:
         build_workload(v)
@@ -203,32 +208,55 @@ def command(model, hidden, layers, heads, kv_heads, vocab, max_positions, num_pr
              "mixed", "vllm": f"vLLM (cores {vllm_threads_bind})"}
     counts = {"pd": (num_prefill, num_decode, 0), "colocated": (0, 0, num_mixed)}
     logs = Path(log_dir) if log_dir else None
-    results, records = {}, {}
+    try:
+        rates = sorted(float(r) for r in sweep.split(",")) if sweep else [v["request_rate"]]
+    except ValueError:
+        raise click.BadParameter(f"not a list of rates: {sweep!r}", param_hint="--sweep") \
+            from None
+    loads = [{**v, "request_rate": r} for r in rates]
+    runs = {}
     for key in plan:
         if key == "vllm":
-            results[key], records[key] = run_vllm_system(key, settings, model, v, logs,
-                                                         progress)
+            runs[key] = run_vllm_system(key, settings, model, loads, logs, progress)
         else:
-            results[key], records[key] = run_fdpd_system(key, counts[key], model, args,
-                                                         role_args, v, logs, progress)
-    report = {"model": model_desc, "engine_args": args, "role_args": role_args,
-              "systems": plan, **results}
-    if "pd" in results and len(results) > 1:
-        report["ratios"] = ratios(results)
-    _print_report(report, results, {k: names[k] for k in plan})
-    if json_path:
-        if save_requests:
-            for k, rs in records.items():
-                report[k] = {**report[k], "requests": request_rows(rs)}
-        write_json(json_path, report)
-    if plot_dir:
-        from fdpd.bench.plots import plot_runs
+            runs[key] = run_fdpd_system(key, counts[key], model, args, role_args, loads, logs,
+                                        progress)
+    paths = []
+    for i, rate in enumerate(rates):
+        results = {k: runs[k][i][0] for k in plan}
+        records = {k: runs[k][i][1] for k in plan}
+        report = {"model": model_desc, "engine_args": args, "role_args": role_args,
+                  "systems": plan, **results}
+        if "pd" in results and len(results) > 1:
+            report["ratios"] = ratios(results)
+        if sweep:
+            click.echo(f"\n## {rate:g} req/s")
+        _print_report(report, results, {k: names[k] for k in plan})
+        if json_path:
+            if save_requests or sweep:
+                for k, rs in records.items():
+                    report[k] = {**report[k], "requests": request_rows(rs)}
+            path = Path(json_path)
+            if sweep:
+                path = path.with_name(f"{path.stem}_rate{rate:g}{path.suffix}")
+            write_json(str(path), report)
+            paths.append(str(path))
+        if plot_dir:
+            from fdpd.bench.plots import plot_runs
 
-        dataset = next(iter(results.values()))["config"]["dataset"]
-        title = f"{dataset}: " + " vs ".join(names[k] for k in plan)
-        for p in plot_runs({names[k]: rs for k, rs in records.items()}, plot_dir,
-                           prefix=plot_prefix, title=title):
-            click.echo(f"wrote {p}")
+            dataset = next(iter(results.values()))["config"]["dataset"]
+            title = f"{dataset}: " + " vs ".join(names[k] for k in plan)
+            prefix = f"{plot_prefix}rate{rate:g}_" if sweep else plot_prefix
+            for p in plot_runs({names[k]: rs for k, rs in records.items()}, plot_dir,
+                               prefix=prefix, title=title):
+                click.echo(f"wrote {p}")
+    if sweep and paths and v.get("slo"):
+        from fdpd.bench import slo_table
+
+        slo_table.command.callback(
+            results=paths, slos=(v["slo"],), slo_itl_stat=v["slo_itl_stat"], target=0.9,
+            plot=str(Path(plot_dir) / f"{plot_prefix}slo_attainment.png") if plot_dir
+            else None)
 
 
 def _print_report(report: dict, results: dict[str, dict], names: dict[str, str]) -> None:

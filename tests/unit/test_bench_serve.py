@@ -357,6 +357,32 @@ def test_bench_compare_and_slo_table(tmp_path):
     assert "| 40 | 0.0% (0.000) | 0.0% (0.000) | inf |" in table.output
 
 
+def test_bench_compare_sweeps_rates_on_one_started_system(tmp_path):
+    """``--sweep``: the PD cluster starts once and serves each rate in turn (the same
+    processes: same epochs in both reports); one JSON per rate, then the SLO table."""
+    from fdpd.cli import main
+
+    out = tmp_path / "sweep.json"
+    args = ["bench", "compare", "--systems", "pd", "--hidden", "16", "--layers", "1",
+            "--heads", "2", "--kv-heads", "1", "--vocab", "1000", "--engine-args",
+            "--cost-model 20,2 --num-kv-blocks 256", "--dataset", "random",
+            "--num-prompts", "6", "--random-input-len", "16", "--random-output-len", "4",
+            "--vocab-size", "1000", "--sweep", "40,20", "--warmup", "0",
+            "--slo", "ttft:5000,itl:5000", "--json", str(out), "--no-progress"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    reports = {rate: json.loads((tmp_path / f"sweep_rate{rate}.json").read_text())
+               for rate in (20, 40)}
+    for rate, r in reports.items():
+        assert r["pd"]["completed"] == 6 and len(r["pd"]["requests"]) == 6
+        assert f"rate {rate} req/s" in r["pd"]["config"]["arrival"]
+    epochs = [sorted(i["epoch"] for i in r["pd"]["cluster"]["instances"])
+              for r in reports.values()]
+    assert epochs[0] == epochs[1]
+    assert result.output.index("## 20 req/s") < result.output.index("## 40 req/s")
+    assert "| 20 | 100.0% (" in result.output and "| 40 | 100.0% (" in result.output
+
+
 def test_prefix_affinity_matches_the_deepest_block_an_instance_computed():
     """The routing fix the Mooncake replay found: a prefix block every prompt shares, last
     recorded for another instance, must not hide the deeper blocks of a conversation."""
