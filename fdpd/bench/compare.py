@@ -163,7 +163,8 @@ def vllm_settings(binary: str | None, threads_bind: str, kvcache_gib: float, arg
 @workload_options
 @click.option("--sweep", default=None, metavar="RATE,RATE,...",
               help="Run each system once at each of these request rates (req/s) instead of "
-              "--request-rate, lowest first, starting it only once; --json PATH then writes "
+              "--request-rate, lowest first, starting it only once (rate i draws its prompts "
+              "with --seed + i: no prefix-cache hits across rates); --json PATH then writes "
               "one file per rate (PATH with _rate<R> before its suffix, per-request timings "
               "included) and the SLO attainment table of `bench slo-table` ends the output.")
 @click.option("--json", "json_path", default=None, help="Write every result and the ratios.")
@@ -213,7 +214,9 @@ def command(model, hidden, layers, heads, kv_heads, vocab, max_positions, num_pr
     except ValueError:
         raise click.BadParameter(f"not a list of rates: {sweep!r}", param_hint="--sweep") \
             from None
-    loads = [{**v, "request_rate": r} for r in rates]
+    # Each rate gets its own prompts (seed + i): the same prompts again would hit the prefix
+    # cache that the previous rate filled on the same running system.
+    loads = [{**v, "request_rate": r, "seed": v["seed"] + i} for i, r in enumerate(rates)]
     runs = {}
     for key in plan:
         if key == "vllm":

@@ -366,7 +366,7 @@ def test_bench_compare_sweeps_rates_on_one_started_system(tmp_path):
     args = ["bench", "compare", "--systems", "pd", "--hidden", "16", "--layers", "1",
             "--heads", "2", "--kv-heads", "1", "--vocab", "1000", "--engine-args",
             "--cost-model 20,2 --num-kv-blocks 256", "--dataset", "random",
-            "--num-prompts", "6", "--random-input-len", "16", "--random-output-len", "4",
+            "--num-prompts", "6", "--random-input-len", "48", "--random-output-len", "4",
             "--vocab-size", "1000", "--sweep", "40,20", "--warmup", "0",
             "--slo", "ttft:5000,itl:5000", "--json", str(out), "--no-progress"]
     result = CliRunner().invoke(main, args)
@@ -376,6 +376,8 @@ def test_bench_compare_sweeps_rates_on_one_started_system(tmp_path):
     for rate, r in reports.items():
         assert r["pd"]["completed"] == 6 and len(r["pd"]["requests"]) == 6
         assert f"rate {rate} req/s" in r["pd"]["config"]["arrival"]
+        # Other prompts at each rate: nothing comes from the previous rate's prefix cache.
+        assert r["pd"]["prefix_cache_hit_ratio"] == 0, r["pd"]["prefix_cache_hit_ratio"]
     epochs = [sorted(i["epoch"] for i in r["pd"]["cluster"]["instances"])
               for r in reports.values()]
     assert epochs[0] == epochs[1]
