@@ -398,3 +398,21 @@ def test_prefix_affinity_matches_the_deepest_block_an_instance_computed():
     assert aff.matched_tokens(conversation, "p2") == 2
     assert aff.matched_tokens(aff.hashes([1, 2, 3, 4, 8, 8]), "p1") == 4
     assert aff.matched_tokens(aff.hashes([5, 5, 3, 4]), "p1") == 0
+
+
+def test_bench_exposed_transfer_reports_both_ways(tmp_path):
+    """Two 1P+1D clusters on the tiny model, 48-token prompts in 16-token chunks: each request's
+    phases come back from the router, with and without chunk streaming."""
+    from fdpd.cli import main
+
+    result = CliRunner().invoke(main, [
+        "bench", "exposed-transfer", "--prompt-len", "48", "--requests", "2",
+        "--engine-args", "--num-kv-blocks 64 --max-num-batched-tokens 16"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    rows = [line for line in result.output.splitlines() if line.startswith("| streamed")
+            or line.startswith("| sent at the end")]
+    assert len(rows) == 6, result.output                   # 2 requests + a median, each way
+    for row in rows:
+        if "median" not in row:
+            prefill_s, grant_ms, transfer_ms = (float(c) for c in row.split("|")[2:5])
+            assert prefill_s > 0 and grant_ms >= 0 and transfer_ms > 0, row
