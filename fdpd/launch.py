@@ -74,8 +74,9 @@ def run_instance(engine_config: EngineConfig, pd: PDConfig, inst: InstanceConfig
     torch.set_num_threads(torch_threads)
     services = {"prefill": PrefillService, "decode": DecodeService, "mixed": MixedService}
     stop, drain = _drain_on_sigterm()
-    engine = Engine(dataclasses.replace(
-        engine_config, scheduling_policy=engine_config.resolved_policy(inst.role)))
+    policy = engine_config.resolved_policy(inst.role)
+    log.info("queue order: %s", policy)
+    engine = Engine(dataclasses.replace(engine_config, scheduling_policy=policy))
     service = services[inst.role](engine, pd, inst)
     if log_tag is not None:
         log_tag.tag = service.instance_id

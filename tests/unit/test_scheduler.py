@@ -144,9 +144,9 @@ def test_shortest_policy_runs_a_short_prompt_ahead_of_a_long_ones_chunks():
 def test_shortest_policy_ages_a_long_wait_ahead_of_fresh_short_prompts():
     s = make(num_blocks=64, budget=16, policy="shortest")
     now = time.monotonic()
-    # 64 tokens left, waited 0.1 s: 64 - 100 = -36 comes before a fresh 6-token prompt.
+    # 64 tokens left, waited 1 s: 64 - 100 = -36 comes before a fresh 6-token prompt.
     s.add(req("fresh", 6, arrival=now, first=100))
-    s.add(req("waited", 64, arrival=now - 0.1))
+    s.add(req("waited", 64, arrival=now - 1.0))
     assert run_step(s) == ([("waited", 16)], [])
     assert run_step(s) == ([("waited", 16)], [])
 
