@@ -6,7 +6,8 @@ seats and blocks last. Under the ``shortest`` policy (a prefill instance's defau
 the fewest tokens left to compute first, less ``AGING_TOKENS_PER_S`` for each second a request
 has waited since it arrived, running and waiting requests alike: a short prompt that arrives
 while a long one is mid-prefill runs in the next step instead of after the long one's remaining
-chunks, and the long one still goes first once it has waited long enough.
+chunks (and alone: no partial chunk of the long one joins a step that gives a first token), and
+the long one still goes first once it has waited long enough.
 
 When a running request cannot grow, the lowest-priority (then newest)
 unscheduled running request is preempted: its blocks go back through the ``PreemptionHandler``
@@ -46,6 +47,15 @@ def _stamp_first_schedule(scheduled: list[tuple[Request, int]]) -> None:
         if not req.scheduled_at:
             now = now or time.monotonic()
             req.scheduled_at = now
+
+
+def _gives_first_token(out: SchedulerOutput) -> bool:
+    """Whether a prompt chunk scheduled so far completes its prompt this step (its token is
+    sampled at the end of the step; decodes, one token each, do not count). Under
+    ``shortest`` nothing then joins the step that would only run a partial chunk: a step
+    lasts as long as its biggest chunk, and a 384-token chunk of a long prompt beside a short
+    one would hold the short prompt's first token back by as much again."""
+    return any(n > 1 and r.num_computed_tokens + n >= r.num_tokens for r, n in out.scheduled)
 
 
 def kv_owner(req: Request) -> str:
@@ -217,6 +227,11 @@ class Scheduler:
                 if budget <= 0:
                     break
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if order is not None and num_new < req.num_tokens - req.num_computed_tokens \
+                    and _gives_first_token(out):
+                running.append(req)      # a partial chunk would delay that token: next step
+                i += 1
+                continue
             stalled = False
             while not self.bm.grow(req.request_id, req.num_computed_tokens + num_new):
                 short = (self.bm.blocks_for(req.num_computed_tokens + num_new)
@@ -255,6 +270,8 @@ class Scheduler:
             req = self.waiting.peek()
             if req is None or (before is not None and order(req) >= before):
                 break
+            if order is not None and req.num_tokens > budget and _gives_first_token(out):
+                break                  # it would run a partial chunk: see _gives_first_token
             admitted = self._admit(req, budget)
             if admitted is None:
                 break                                  # head of line waits

@@ -136,8 +136,10 @@ def test_shortest_policy_runs_a_short_prompt_ahead_of_a_long_ones_chunks():
         plans[policy] = [run_step(s)[0] for _ in range(3)]
     # FCFS: the short prompt waits for budget the long one's chunks leave over.
     assert plans["fcfs"] == [[("long", 16)], [("long", 16)], [("long", 16)]]
-    # Shortest first: it runs at once, its decodes too; the long one takes what is left.
-    assert plans["shortest"] == [[("short", 6), ("long", 10)], [("short", 1), ("long", 15)],
+    # Shortest first: it runs at once, and alone (a partial chunk of the long one would make
+    # that step, and the short prompt's first token, later); then its decodes go first and
+    # the long one takes what is left.
+    assert plans["shortest"] == [[("short", 6)], [("short", 1), ("long", 15)],
                                  [("short", 1), ("long", 15)]]
 
 
@@ -149,6 +151,21 @@ def test_shortest_policy_ages_a_long_wait_ahead_of_fresh_short_prompts():
     s.add(req("waited", 64, arrival=now - 1.0))
     assert run_step(s) == ([("waited", 16)], [])
     assert run_step(s) == ([("waited", 16)], [])
+
+
+def test_shortest_policy_lets_prompts_that_finish_share_a_step():
+    s = make(num_blocks=64, budget=16, policy="shortest")
+    now = time.monotonic()
+    s.add(req("long", 40, arrival=now))
+    assert run_step(s) == ([("long", 16)], [])
+    for rid, n in (("a", 5), ("b", 6), ("c", 9)):
+        s.add(req(rid, n, arrival=now, first=100 * len(rid) + n))
+    # a and b finish their prompts in this step; c (9) would not fit whole in the 5 left and
+    # the long one's chunk would be partial: both wait for the next step.
+    assert run_step(s) == ([("a", 5), ("b", 6)], [])
+    # Decodes never hold a chunk back, but c's prompt completing does.
+    assert run_step(s) == ([("a", 1), ("b", 1), ("c", 9)], [])
+    assert run_step(s) == ([("a", 1), ("b", 1), ("c", 1), ("long", 13)], [])
 
 
 def test_auto_policy_is_shortest_on_a_prefill_instance_only():
