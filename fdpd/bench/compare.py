@@ -13,6 +13,7 @@ synthetic Llama written to a temporary directory (``--hidden``/``--layers``/...)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import tempfile
@@ -111,6 +112,16 @@ def ratio_table(report: dict, names: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def checkpoint_dtype(model: str) -> str:
+    """The dtype a model directory's config.json names (float32 when it names none)."""
+    try:
+        cfg = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    return {"float": "float32", "half": "float16"}.get(cfg.get("torch_dtype"),
+                                                        cfg.get("torch_dtype") or "float32")
+
+
 def vllm_settings(binary: str | None, threads_bind: str, kvcache_gib: float, args: str,
                   startup_timeout: float) -> VLLMSettings:
     binary = binary or default_vllm_binary()
@@ -205,6 +216,10 @@ def command(model, hidden, layers, heads, kv_heads, vocab, max_positions, num_pr
                       "kv_heads": kv_heads, "vocab": vocab}
     else:
         model_desc = {"path": model}
+    if settings is not None and "--dtype" not in settings.args:
+        # The dtype fdpd's engines run (the checkpoint's, "auto"): vLLM's CPU build turns a
+        # float32 checkpoint into bfloat16 by default, ~5x slower on a CPU without bf16 GEMMs.
+        settings = dataclasses.replace(settings, dtype=checkpoint_dtype(model))
     names = {"pd": f"PD {num_prefill}P+{num_decode}D", "colocated": f"colocated {num_mixed}x "
              "mixed", "vllm": f"vLLM (cores {vllm_threads_bind})"}
     counts = {"pd": (num_prefill, num_decode, 0), "colocated": (0, 0, num_mixed)}

@@ -367,6 +367,9 @@ def faulty_cluster(tmp_path_factory):
             relays[name] = FaultRelay(f"tcp://127.0.0.1:{port}", seed=SEED, name=name)
             instance_args[name] = ["--port", str(port),
                                    "--advertise-address", relays[name].address]
+        # Prompts longer than the prefill's step budget go in chunks, whose KV streams while
+        # the next chunk computes (its shortest-first queue runs shorter prompts whole).
+        instance_args["prefill-0"] += ["--max-num-batched-tokens", "128"]
         with Cluster(1, 2, common_args=[*POOL, "--grant-ttl", str(GRANT_TTL),
                                         "--transfer-timeout", str(TRANSFER_TIMEOUT)],
                      instance_args=instance_args,
@@ -480,8 +483,8 @@ def test_requests_end_exact_or_cleanly_under_message_faults(faulty_cluster, refe
     assert EXPECTED_ACTIONS[plan_name] <= done, report
 
     after = {v["instance_id"]: v for v in cluster.cluster()["instances"]}
-    # Concurrent prompts share the prefill's step budget, so many take several chunks: their
-    # KV travelled chunk by chunk while the rest computed, through the same faults.
+    # Prompts over the prefill's 128-token step budget take several chunks: their KV
+    # travelled chunk by chunk while the rest computed, through the same faults.
     # Only where no message is dropped: a dropped AllocRequest or Grant leaves the prefill
     # without a grant until its retry, and chunks computed before a grant have nothing to
     # stream into (seen: 0 streamed in a [drop] run), so there it is not guaranteed.

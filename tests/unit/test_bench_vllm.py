@@ -146,6 +146,8 @@ def test_compare_runs_a_vllm_executable_on_the_model_dir(model_dir, tmp_path):
     started = json.loads(record.read_text())
     assert started["argv"][:2] == ["serve", str(model_dir)]
     assert started["argv"][-2:] == ["--max-num-batched-tokens", "256"]
+    # The checkpoint's dtype, as fdpd runs it (vLLM's CPU default would be bfloat16).
+    assert started["argv"][started["argv"].index("--dtype") + 1] == "float32"
     assert started["env"] == {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
                               "PYTHONPATH": None}
     r = json.loads(out.read_text())
