@@ -402,7 +402,9 @@ def run_bounded(cluster: Cluster, cases: list[Case]) -> list[tuple[Completion | 
 def is_clean_error(res: Completion) -> bool:
     err = res.error
     body_ok = isinstance(err, dict) and bool(err.get("message")) and bool(err.get("type"))
-    if res.status in (503, 504):
+    # 502: a non-streamed request whose generation broke after it started and could not be
+    # resumed (--max-resumes spent): the router's OpenAI error, like a 503 before the start.
+    if res.status in (502, 503, 504):
         return body_ok
     # A stream that broke after its first tokens: an error event, then [DONE].
     return res.status == 200 and body_ok and res.finish_reason is None and res.done
