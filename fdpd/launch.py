@@ -10,7 +10,6 @@ signal terminates them by pid, waits, then kills what is left.
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 import signal
 import sys

@@ -2,12 +2,12 @@
 
 One step has a token budget. Running requests go first, oldest first (a decode costs one token,
 an unfinished prompt continues with a chunk), then waiting requests are admitted while budget,
-seats and blocks last. Under the ``shortest`` policy (a prefill instance's default) the order is
-the fewest tokens left to compute first, less ``AGING_TOKENS_PER_S`` for each second a request
-has waited since it arrived, running and waiting requests alike: a short prompt that arrives
-while a long one is mid-prefill runs in the next step instead of after the long one's remaining
-chunks (and alone: no partial chunk of the long one joins a step that gives a first token), and
-the long one still goes first once it has waited long enough.
+seats and blocks last. Under the ``shortest`` policy (a prefill instance's default,
+``fdpd.engine.queue_order``) the order is the fewest tokens left to compute first, aged by the
+time since arrival, running and waiting requests alike: a short prompt that arrives while a
+long one is mid-prefill runs in the next step instead of after the long one's remaining chunks
+(and alone: no partial chunk of the long one joins a step that gives a first token), and the
+long one still goes first once it has waited long enough.
 
 When a running request cannot grow, the lowest-priority (then newest)
 unscheduled running request is preempted: its blocks go back through the ``PreemptionHandler``
@@ -16,28 +16,14 @@ and it waits at the front of the queue to be recomputed (or, with a KV store, re
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
 from fdpd.engine.block_manager import BlockManager, compute_block_hashes
 from fdpd.engine.preemption import PreemptionHandler, RecomputePreemption
+from fdpd.engine.queue_order import WaitingQueue, shortest_first
 from fdpd.engine.request import Request, RequestStatus
-
-POLICIES = ("fcfs", "priority", "shortest")
-# ``shortest``: a second since arrival counts as this many tokens less to compute. A fresh
-# 128-token prompt goes before a 2048-token one until the long one is ~19 s old. (1000 was too
-# much: a 2048-token prefill takes ~4.5 s on one core here, so it out-aged any short prompt
-# arriving more than ~1.5 s after it, and short prompts waited out the long one again.)
-AGING_TOKENS_PER_S = 100.0
-
-
-def shortest_first_key(now: float) -> Callable[[Request], float]:
-    """The ``shortest`` order: tokens left to compute, less the aging credit."""
-    return lambda r: (r.num_tokens - r.num_computed_tokens
-                      - AGING_TOKENS_PER_S * (now - r.arrival_time))
 
 
 def _stamp_first_schedule(scheduled: list[tuple[Request, int]]) -> None:
@@ -61,67 +47,6 @@ def _gives_first_token(out: SchedulerOutput) -> bool:
 def kv_owner(req: Request) -> str:
     """Block owner id under which a finished prefill's KV waits to be shipped."""
     return f"kv:{req.request_id}"
-
-
-class WaitingQueue:
-    """FCFS (deque), priority (heap on priority, arrival) or shortest (a deque searched for the
-    smallest ``shortest_first_key``: its keys change with time, and a prefill instance's queue
-    is short). Finished (aborted) requests are skipped lazily rather than removed, to keep
-    every FCFS and priority operation O(1) / O(log n)."""
-
-    def __init__(self, policy: str):
-        self.policy = policy
-        self._fifo: deque[Request] = deque()
-        self._heap: list[tuple[int, float, int, Request]] = []
-        self._tie = itertools.count()
-        self._live = 0
-
-    def push(self, req: Request, front: bool = False) -> None:
-        if self.policy == "priority":
-            heapq.heappush(self._heap, (req.priority, req.arrival_time, next(self._tie), req))
-        elif front:
-            self._fifo.appendleft(req)
-        else:
-            self._fifo.append(req)
-        self._live += 1
-
-    def peek(self) -> Request | None:
-        self._drop_finished()
-        if self.policy == "priority":
-            return self._heap[0][3] if self._heap else None
-        if self.policy == "shortest" and len(self._fifo) > 1:
-            return min(self, key=shortest_first_key(time.monotonic()), default=None)
-        return self._fifo[0] if self._fifo else None
-
-    def pop(self, req: Request | None = None) -> Request:
-        """Remove the head, or ``req`` (what ``peek`` returned, under ``shortest``)."""
-        self._drop_finished()
-        self._live -= 1
-        if self.policy == "priority":
-            return heapq.heappop(self._heap)[3]
-        if req is not None and self._fifo[0] is not req:
-            self._fifo.remove(req)
-            return req
-        return self._fifo.popleft()
-
-    def discard(self, req: Request) -> None:
-        """Account for ``req`` having been finished while queued (it is skipped later)."""
-        self._live -= 1
-
-    def _drop_finished(self) -> None:
-        if self.policy == "priority":
-            while self._heap and self._heap[0][3].is_finished:
-                heapq.heappop(self._heap)
-        else:
-            while self._fifo and self._fifo[0].is_finished:
-                self._fifo.popleft()
-
-    def __len__(self) -> int:
-        return self._live
-
-    def __iter__(self) -> Iterator[Request]:
-        items = (e[3] for e in self._heap) if self.policy == "priority" else iter(self._fifo)
-        return (r for r in items if not r.is_finished)
 
 
 @dataclass
@@ -214,7 +139,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         running: list[Request] = []
         queue = list(self.running)
-        order = shortest_first_key(time.monotonic()) if self.policy == "shortest" else None
+        order = shortest_first if self.policy == "shortest" else None
         if order is not None:
             queue.sort(key=order)
         i = 0
