@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from fdpd.model import native
-from fdpd.model.attention import AttentionMetadata, DecodeGroup, PrefillSpan
+from fdpd.model.attention import AttentionMetadata, DecodeGroup, PagedPrefill, PrefillSpan
 from fdpd.model.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class ModelRunner:
         one per token of an item with ``all_logits``, in item order."""
         input_ids, positions, slots, logit_rows = [], [], [], []
         decodes: list[tuple[int, BatchItem]] = []
-        prefills: list[PrefillSpan] = []
+        chunks: list[tuple[int, BatchItem]] = []
         bs = self.block_size
         for item in items:
             first = len(input_ids)
@@ -83,11 +83,15 @@ class ModelRunner:
             if n == 1:
                 decodes.append((first, item))
             else:
-                prefills.append(self._prefill_span(first, item))
+                chunks.append((first, item))
         dev = self.device
+        if self.native_attention:
+            prefills, paged = [], self._paged_prefill(chunks)
+        else:
+            prefills, paged = [self._prefill_span(f, item) for f, item in chunks], None
         meta = AttentionMetadata.from_slots(torch.tensor(slots, dtype=torch.long, device=dev),
                                             bs, prefills, self._decode_groups(decodes),
-                                            native=self.native_attention)
+                                            native=self.native_attention, paged_prefill=paged)
         hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=dev),
                             torch.tensor(positions, dtype=torch.long, device=dev),
                             self.kv_cache, meta)
@@ -106,6 +110,20 @@ class ModelRunner:
         q_pos = torch.arange(start, total, device=dev)
         mask = torch.arange(total, device=dev)[None, :] <= q_pos[:, None]
         return PrefillSpan(first, n, start, key_blocks=blocks, mask=mask)
+
+    def _paged_prefill(self, chunks: list[tuple[int, BatchItem]]) -> PagedPrefill | None:
+        """Every prompt chunk of the step for the native kernel: (first flat token, new tokens,
+        cached tokens) and the blocks covering each chunk's context, padded with block 0."""
+        if not chunks:
+            return None
+        bs = self.block_size
+        widths = [-(-(item.start + len(item.token_ids)) // bs) for _, item in chunks]
+        width = max(widths)
+        table = [list(item.block_ids[:w]) + [0] * (width - w)
+                 for (_, item), w in zip(chunks, widths, strict=True)]
+        spans = [(first, len(item.token_ids), item.start) for first, item in chunks]
+        return PagedPrefill(torch.tensor(spans, dtype=torch.long, device=self.device),
+                            torch.tensor(table, dtype=torch.long, device=self.device))
 
     def _decode_groups(self, decodes: list[tuple[int, BatchItem]]) -> list[DecodeGroup]:
         """The native kernel takes every decode of the step at once (nothing is padded). For

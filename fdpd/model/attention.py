@@ -3,7 +3,8 @@ block tables.
 
 One engine step runs a flat batch of ``T`` new tokens from many requests. Tokens are written to
 the cache at (``slot_blocks``, ``slot_offsets``), then each query reads its keys back through the
-request's block table, whole blocks at a time. A layer's cache is a strided view
+request's block table, whole blocks at a time (or, with the native kernels, in place through
+the block table: ``PagedPrefill`` and ``DecodeGroup.seq_lens``). A layer's cache is a strided view
 ``[blocks, 2, block_size, H, D]`` of the runner's block-major tensor. Requests that add one
 token (decodes) are attended in a few padded batches of similar context length (whole blocks
 gathered at once: per-token gathers cost more than the attention itself on CPU); requests that
@@ -40,6 +41,15 @@ class PrefillSpan:
 
 
 @dataclass
+class PagedPrefill:
+    """Every prompt chunk of the step, for the native kernel (``fdpd.model.native``), which
+    reads their keys in place through the block tables: one call per layer, no mask."""
+
+    spans: torch.Tensor               # [S, 3] int64: (token_start, num_new, start) per chunk
+    block_table: torch.Tensor         # [S, W] int64: each chunk's blocks, padded with block 0
+
+
+@dataclass
 class DecodeGroup:
     """Requests adding one token each, attended as one batch.
 
@@ -63,13 +73,16 @@ class AttentionMetadata:
     decodes: list[DecodeGroup]
     # The layer's elementwise steps run as fdpd.model.native's fused kernels.
     native: bool = False
+    # The prompt chunks for the native prefill kernel (then ``prefills`` is empty).
+    paged_prefill: PagedPrefill | None = None
 
     @classmethod
     def from_slots(cls, slots: torch.Tensor, block_size: int, prefills: list[PrefillSpan],
-                   decodes: list[DecodeGroup], native: bool = False) -> AttentionMetadata:
+                   decodes: list[DecodeGroup], native: bool = False,
+                   paged_prefill: PagedPrefill | None = None) -> AttentionMetadata:
         """``slots[i]`` = block id * block_size + offset of new token i."""
         return cls(torch.div(slots, block_size, rounding_mode="floor"), slots % block_size,
-                   prefills, decodes, native)
+                   prefills, decodes, native, paged_prefill)
 
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -87,6 +100,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
     k_cache, v_cache = cache[:, 0], cache[:, 1]            # [blocks, block_size, H, D] views
     out = torch.empty_like(q)
 
+    if meta.paged_prefill is not None:
+        native.paged_prefill_attention(out, q.contiguous(), cache, meta.paged_prefill.spans,
+                                       meta.paged_prefill.block_table, scale)
     for span in meta.prefills:
         rows = slice(span.token_start, span.token_start + span.num_new)
         if span.start == 0:

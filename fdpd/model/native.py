@@ -2,6 +2,8 @@
 
 ``paged_decode_attention`` (csrc/paged_attention.cpp) attends each decode token to its context
 straight through the block table, instead of gathering the context into a dense copy first;
+``paged_prefill_attention`` (csrc/prefill_attention.cpp) does the same for every prompt chunk of
+a step in one call (flash-style tiles, causal over the chunk and its cached prefix);
 ``rope_and_write_kv`` and ``silu_and_mul`` (csrc/fused_ops.cpp) do a layer's elementwise steps
 in one pass each.
 It is built with ``torch.utils.cpp_extension`` (gcc + ninja) into torch's extension cache
@@ -30,7 +32,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = {CSRC / "paged_attention.cpp", CSRC / "fused_ops.cpp"}
+SOURCES = {CSRC / "paged_attention.cpp", CSRC / "prefill_attention.cpp", CSRC / "fused_ops.cpp"}
 HEADERS = {CSRC / "vec.h"}
 
 
@@ -73,6 +75,17 @@ def paged_decode_attention(out: torch.Tensor, q: torch.Tensor, layer_cache: torc
     """``out[B, Hq, D]`` = attention of ``q[B, Hq, D]`` (one token per request) over the first
     ``seq_lens[b]`` positions of request b's blocks in ``layer_cache[blocks, 2, bs, Hkv, D]``."""
     torch.ops.fdpd.paged_decode_attention(out, q, layer_cache, block_table, seq_lens, scale)
+
+
+def paged_prefill_attention(out: torch.Tensor, q: torch.Tensor, layer_cache: torch.Tensor,
+                            spans: torch.Tensor, block_table: torch.Tensor,
+                            scale: float) -> None:
+    """``out[T, Hq, D]`` = causal attention of the prompt chunks in ``q[T, Hq, D]``: row s of
+    ``spans[S, 3]`` = (first flat token, new tokens, tokens cached before them); chunk s's
+    token i (position start + i) sees positions 0 .. start + i of ``block_table[s]``'s blocks
+    in ``layer_cache[blocks, 2, bs, Hkv, D]`` (its own K/V already written there). Rows of
+    ``out`` outside every span are left untouched."""
+    torch.ops.fdpd.paged_prefill_attention(out, q, layer_cache, spans, block_table, scale)
 
 
 def rope_and_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,

@@ -1,7 +1,7 @@
 """The engine's fast kernel paths against its plain-torch reference path.
 
 - prepacked oneDNN linears (``fdpd.model.kernels``), float32 and bf16-via-float32;
-- the native paged decode attention (``fdpd.model.native``) against gather + SDPA.
+- the native paged decode and prefill attention (``fdpd.model.native``) against gather + SDPA.
 
 The exactness suite (test_engine_exactness.py) runs on the default (fast) paths against the dense
 reference; here the fast and plain paths must give the same greedy tokens on a batch that
@@ -56,6 +56,64 @@ def test_paged_decode_attention_equals_gathered_sdpa(q_heads, kv_heads, head_dim
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (out.float() - expected).abs().max().item() < tol
     assert torch.isfinite(out).all()
+
+
+def _dense_causal_attention(q, layer, table_row, start, num_new, scale):
+    """The reference: gather the span's context, mask to causal-with-prefix, SDPA in float32."""
+    kv_heads, head_dim = layer.shape[3], layer.shape[4]
+    total = start + num_new
+    keys = layer[:, 0].index_select(0, table_row).reshape(-1, kv_heads, head_dim)[:total]
+    values = layer[:, 1].index_select(0, table_row).reshape(-1, kv_heads, head_dim)[:total]
+    mask = torch.arange(total)[None, :] <= torch.arange(start, total)[:, None]
+    return F.scaled_dot_product_attention(
+        q.float().transpose(0, 1).unsqueeze(0), keys.float().transpose(0, 1).unsqueeze(0),
+        values.float().transpose(0, 1).unsqueeze(0), attn_mask=mask, scale=scale,
+        enable_gqa=True).squeeze(0).transpose(0, 1)
+
+
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim,block_size", [
+    (4, 2, 64, 16), (8, 1, 32, 8), (2, 2, 128, 16), (6, 3, 12, 4), (5, 5, 80, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_prefill_attention_equals_masked_sdpa(q_heads, kv_heads, head_dim, block_size,
+                                                    dtype):
+    # Chunks of a step next to decode tokens: fresh prompts (start 0), chunks after a cached
+    # prefix, a chunk crossing several query tiles and key tiles (100 new after 70 cached), one
+    # starting mid-block, a one-token-past-prefix chunk; blocks scattered over the cache.
+    torch.manual_seed(0)
+    blocks, layers = 96, 2
+    cache = torch.randn(blocks, layers, 2, block_size, kv_heads, head_dim).to(dtype)
+    layer = cache[:, 1]                                   # strided, as the runner passes it
+    shapes = [(0, 5), (13, 100), (0, 1 * block_size), (70, 100), (block_size + 3, 2), (0, 61)]
+    decodes = 3                                           # flat rows owned by no span
+    rows = decodes + sum(n for _, n in shapes)
+    q = torch.randn(rows, q_heads, head_dim).to(dtype)
+    width = max(-(-(s + n) // block_size) for s, n in shapes)
+    perm = torch.randperm(blocks)
+    table = torch.zeros(len(shapes), width, dtype=torch.long)
+    spans, first, used = [], decodes, 0
+    for i, (start, n) in enumerate(shapes):
+        w = -(-(start + n) // block_size)
+        table[i, :w] = perm[used:used + w]
+        used += w
+        spans.append((first, n, start))
+        first += n
+    scale = head_dim ** -0.5
+    out = torch.full_like(q, 7.0)
+    native.paged_prefill_attention(out, q, layer, torch.tensor(spans), table, scale)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    for i, (first, n, start) in enumerate(spans):
+        want = _dense_causal_attention(q[first:first + n], layer, table[i], start, n, scale)
+        assert (out[first:first + n].float() - want).abs().max().item() < tol, (start, n)
+    assert (out[:decodes] == 7.0).all()                   # rows of no span are untouched
+    assert torch.isfinite(out).all()
+
+
+def test_paged_prefill_attention_rejects_a_span_past_its_blocks():
+    layer = torch.zeros(4, 2, 16, 1, 8)
+    q = torch.zeros(20, 1, 8)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        native.paged_prefill_attention(torch.empty_like(q), q, layer,
+                                       torch.tensor([[0, 20, 0]]), torch.tensor([[1]]), 1.0)
 
 
 @pytest.mark.parametrize("bias", [False, True])
