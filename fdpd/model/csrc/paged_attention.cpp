@@ -71,60 +71,80 @@ inline void axpy(float a, const T* __restrict v, float* __restrict acc, int64_t 
   for (; i < d; ++i) acc[i] += a * to_float(v[i]);
 }
 
+// Rows of one head are 512 B apart from the next token's (the other heads sit between) and
+// blocks are scattered: the hardware prefetchers did not follow, and the kernel waited on DRAM
+// for every row (5 GB/s against 17 for a plain stream). Rows are fetched kAhead keys early.
+constexpr int64_t kAhead = 8;
+
+inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
+}
+
+// s[0..n) = softmax(s), in place.
+inline void softmax(float* s, int64_t len) {
+  const float m = *std::max_element(s, s + len);
+  float sum = 0.f;
+  int64_t t = 0;
+#ifdef __AVX2__
+  // exp dominated the kernel with std::exp (~20 cycles a score against ~8 for the dot).
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 sv = _mm256_setzero_ps();
+  for (; t + 8 <= len; t += 8) {
+    const __m256 e = fdpd::exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv));
+    _mm256_storeu_ps(s + t, e);
+    sv = _mm256_add_ps(sv, e);
+  }
+  sum = fdpd::hsum(sv);
+#endif
+  for (; t < len; ++t) { s[t] = std::exp(s[t] - m); sum += s[t]; }
+  const float inv = 1.f / sum;
+  for (t = 0; t < len; ++t) s[t] *= inv;
+}
+
 template <typename T, typename Q>
 void decode_kernel(const Q* q, const T* cache, const int64_t* table, const int64_t* lens,
                    Q* out, int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t head_dim,
                    int64_t block_size, int64_t width, int64_t s_block, int64_t s_kv,
                    int64_t s_tok, int64_t s_head, float scale) {
   const int64_t group = q_heads / kv_heads;
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * head_dim), acc(group * head_dim), scores;
+  // A task is one request and a run of its KV heads: all of them when there are requests
+  // enough for every thread (a token's rows of all heads are contiguous, so the task streams
+  // each block's keys in one piece), else one head per task.
+  const int64_t heads = batch >= 2 * at::get_num_threads() ? kv_heads : 1;
+  const int64_t nq = heads * group;                  // query heads per task
+  const int64_t span_bytes = ((heads - 1) * s_head + head_dim) * static_cast<int64_t>(sizeof(T));
+  at::parallel_for(0, batch * (kv_heads / heads), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(nq * head_dim), acc(nq * head_dim), scores;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / kv_heads, h = task % kv_heads;
+      const int64_t b = task / (kv_heads / heads), h0 = task % (kv_heads / heads) * heads;
       const int64_t len = lens[b];
       const int64_t* blocks = table + b * width;
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t i = 0; i < head_dim; ++i)
-          qf[g * head_dim + i] = to_float(q[(b * q_heads + h * group + g) * head_dim + i]) * scale;
-      if (static_cast<int64_t>(scores.size()) < group * len) scores.resize(group * len);
-      // Keys: one pass, every query head of the group at once.
+      const Q* qb = q + (b * q_heads + h0 * group) * head_dim;   // the task's query heads
+      for (int64_t i = 0; i < nq * head_dim; ++i) qf[i] = to_float(qb[i]) * scale;
+      if (static_cast<int64_t>(scores.size()) < nq * len) scores.resize(nq * len);
+      // Token t's rows of the task's heads (query head j reads KV head h0 + j / group).
+      const auto row = [&](int64_t t) {
+        return cache + blocks[t / block_size] * s_block + (t % block_size) * s_tok + h0 * s_head;
+      };
+      // Keys: one pass, every query head of the task at once.
       for (int64_t t = 0; t < len; ++t) {
-        const T* k = cache + blocks[t / block_size] * s_block + (t % block_size) * s_tok +
-                     h * s_head;
-        for (int64_t g = 0; g < group; ++g)
-          scores[g * len + t] = dot(qf.data() + g * head_dim, k, head_dim);
+        if (t + kAhead < len) prefetch(row(t + kAhead), span_bytes);
+        const T* k = row(t);
+        for (int64_t j = 0; j < nq; ++j)
+          scores[j * len + t] = dot(qf.data() + j * head_dim, k + j / group * s_head, head_dim);
       }
-      for (int64_t g = 0; g < group; ++g) {
-        float* s = scores.data() + g * len;
-        const float m = *std::max_element(s, s + len);
-        float sum = 0.f;
-        int64_t t = 0;
-#ifdef __AVX2__
-        // exp dominated the kernel with std::exp (~20 cycles a score against ~8 for the dot).
-        const __m256 mv = _mm256_set1_ps(m);
-        __m256 sv = _mm256_setzero_ps();
-        for (; t + 8 <= len; t += 8) {
-          const __m256 e = fdpd::exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv));
-          _mm256_storeu_ps(s + t, e);
-          sv = _mm256_add_ps(sv, e);
-        }
-        sum = fdpd::hsum(sv);
-#endif
-        for (; t < len; ++t) { s[t] = std::exp(s[t] - m); sum += s[t]; }
-        const float inv = 1.f / sum;
-        for (t = 0; t < len; ++t) s[t] *= inv;
-      }
+      for (int64_t j = 0; j < nq; ++j) softmax(scores.data() + j * len, len);
       // Values: one pass.
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < len; ++t) {
-        const T* v = cache + blocks[t / block_size] * s_block + s_kv +
-                     (t % block_size) * s_tok + h * s_head;
-        for (int64_t g = 0; g < group; ++g)
-          axpy(scores[g * len + t], v, acc.data() + g * head_dim, head_dim);
+        if (t + kAhead < len) prefetch(row(t + kAhead) + s_kv, span_bytes);
+        const T* v = row(t) + s_kv;
+        for (int64_t j = 0; j < nq; ++j)
+          axpy(scores[j * len + t], v + j / group * s_head, acc.data() + j * head_dim, head_dim);
       }
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t i = 0; i < head_dim; ++i)
-          out[(b * q_heads + h * group + g) * head_dim + i] = static_cast<Q>(acc[g * head_dim + i]);
+      Q* ob = out + (b * q_heads + h0 * group) * head_dim;
+      for (int64_t i = 0; i < nq * head_dim; ++i) ob[i] = static_cast<Q>(acc[i]);
     }
   });
 }
