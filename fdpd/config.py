@@ -12,7 +12,7 @@ from typing import Any
 
 # Names only: this module is imported by torch-free processes (the router).
 DTYPES = ("float32", "bfloat16", "float16")
-KERNELS = ("auto", "onednn", "torch")   # fdpd.model.kernels
+KERNELS = ("auto", "native", "onednn", "torch")   # fdpd.model.kernels
 # Shorter cluster secrets are refused: a short (password-like) secret can be guessed offline
 # from a single captured message and its MAC.
 MIN_CLUSTER_SECRET_BYTES = 16
@@ -40,9 +40,10 @@ class EngineConfig:
     device: str = _opt("cpu", "Torch device: cpu or cuda[:N].")
     dtype: str = _opt("auto", "Weight/activation dtype: auto (from config.json), float32, "
                       "bfloat16 or float16.")
-    kernels: str = _opt("auto", "GEMM backend of the linear layers: auto (oneDNN with weights "
-                        "prepacked once, where this CPU and dtype support it; else torch), onednn "
-                        "or torch (plain F.linear).")
+    kernels: str = _opt("auto", "GEMM backend of the linear layers, weights packed once: auto "
+                        "(native on CPU, or oneDNN for bf16 on CPUs with bf16 GEMM instructions; "
+                        "else torch), native (fdpd's float32 GEMM), onednn, or torch (plain "
+                        "F.linear).")
     seed: int = _opt(0, "Base seed for sampling requests that give no seed of their own.")
     block_size: int = _opt(16, "Tokens per KV-cache block.")
     num_kv_blocks: int | None = _opt(None, "KV-cache pool size in blocks (default: derived from "

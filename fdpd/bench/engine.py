@@ -28,6 +28,7 @@ from pathlib import Path
 import click
 
 from fdpd.bench.baselines import Run, Runner
+from fdpd.config import KERNELS
 
 WORKLOADS = {
     "mixed": {"num_prompts": 32, "min_len": 32, "max_len": 512, "output_len": 128,
@@ -147,7 +148,7 @@ def _apply_presets(ctx: click.Context, values: dict) -> dict:
               help="Synthetic model: attention heads (half as many KV heads).")
 @click.option("--vocab", default=32000, type=POSITIVE, help="Synthetic model: vocabulary.")
 @click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]))
-@click.option("--kernels", default="auto", type=click.Choice(["auto", "onednn", "torch"]),
+@click.option("--kernels", default="auto", type=click.Choice(list(KERNELS)),
               help="fdpd's GEMM backend (fdpd.model.kernels).")
 @click.option("--max-num-seqs", default=32, type=POSITIVE,
               help="Batch limit of fdpd and vLLM; transformers' batch size per generate call.")

@@ -35,7 +35,7 @@ def load_model(model: str = "tiny", dtype: str = "auto", device: str = "cpu",
     """Build the model in eval mode on ``device``. ``dtype`` "auto" keeps the checkpoint's
     ``torch_dtype``; ``max_positions`` bounds the RoPE table (default: the model's
     ``max_position_embeddings``); ``kernels`` picks the linear layers' GEMM backend
-    (``fdpd.model.kernels``: auto, onednn or torch)."""
+    (``fdpd.model.kernels``: auto, native, onednn or torch)."""
     cfg, tokenizer = load_model_metadata(model)
     if model == "tiny":
         weights: Iterator[tuple[str, torch.Tensor]] = iter(tiny_state_dict().items())

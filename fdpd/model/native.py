@@ -5,7 +5,8 @@ straight through the block table, instead of gathering the context into a dense 
 ``paged_prefill_attention`` (csrc/prefill_attention.cpp) does the same for every prompt chunk of
 a step in one call (flash-style tiles, causal over the chunk and its cached prefix);
 ``rope_and_write_kv`` and ``silu_and_mul`` (csrc/fused_ops.cpp) do a layer's elementwise steps
-in one pass each.
+in one pass each; ``packed_linear`` (csrc/packed_linear.cpp) is the linear layers' float32 GEMM
+on weights packed once (``fdpd.model.kernels.NativeLinear``).
 It is built with ``torch.utils.cpp_extension`` (gcc + ninja) into torch's extension cache
 (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), once per machine: the first
 process pays the compile (a minute on a 2-core VM), later ones load the cached library.
@@ -32,7 +33,8 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = {CSRC / "paged_attention.cpp", CSRC / "prefill_attention.cpp", CSRC / "fused_ops.cpp"}
+SOURCES = {CSRC / "paged_attention.cpp", CSRC / "prefill_attention.cpp", CSRC / "fused_ops.cpp",
+           CSRC / "packed_linear.cpp"}
 HEADERS = {CSRC / "vec.h"}
 
 
@@ -101,6 +103,17 @@ def rope_and_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Ten
     torch.ops.fdpd.rope_and_write_kv(q, k, qkv, positions, cos, sin, layer_cache, slot_blocks,
                                      slot_offsets)
     return q, k
+
+
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A float32 ``[N, K]`` weight as ``[ceil(N / 16), K, 16]`` panels for ``packed_linear``."""
+    return torch.ops.fdpd.pack_linear_weight(weight.contiguous())
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                  out_features: int) -> torch.Tensor:
+    """``x[M, K] @ W.T (+ bias)`` for float32 ``x`` (contiguous) and ``W`` packed above."""
+    return torch.ops.fdpd.packed_linear(x, packed, bias, out_features)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

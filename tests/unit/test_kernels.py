@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from fdpd import LLM
 from fdpd.config import ConfigError, EngineConfig
 from fdpd.model import native
-from fdpd.model.kernels import PackedLinear, resolve_kernels
+from fdpd.model.kernels import NativeLinear, PackedLinear, resolve_kernels
 from tests.model_factory import make_checkpoint
 from tests.unit.test_engine_exactness import ENGINE_ARGS, GREEDY, mixed_prompts, run_batch
 
@@ -116,13 +116,14 @@ def test_paged_prefill_attention_rejects_a_span_past_its_blocks():
                                        torch.tensor([[0, 20, 0]]), torch.tensor([[1]]), 1.0)
 
 
+@pytest.mark.parametrize("module", [PackedLinear, NativeLinear])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("emulate", [False, True])
-def test_packed_linear_equals_f_linear(bias, emulate):
+def test_packed_linear_equals_f_linear(module, bias, emulate):
     torch.manual_seed(0)
     dtype = torch.bfloat16 if emulate else torch.float32
     layer = torch.nn.Linear(96, 200, bias=bias).to(dtype)
-    packed = PackedLinear(layer, emulate_bf16=emulate)
+    packed = module(layer, emulate_bf16=emulate)
     x = torch.randn(5, 3, 96).to(dtype)
     with torch.inference_mode():
         got, want = packed(x), F.linear(x.float(), layer.weight.float(),
@@ -131,18 +132,34 @@ def test_packed_linear_equals_f_linear(bias, emulate):
     assert (got.float() - want).abs().max().item() < (1e-4 if not emulate else 0.1)
 
 
+@pytest.mark.parametrize("M,K,N", [(1, 8, 5), (7, 33, 17), (6, 64, 48), (97, 40, 33),
+                                   (200, 16, 1000), (96, 512, 16)])
+def test_native_packed_gemm_equals_f_linear(M, K, N):
+    # Row blocks (96) and strips (6) with tails, panels (16) with a ragged last one, bias.
+    torch.manual_seed(0)
+    x, w, b = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
+    packed = native.pack_linear_weight(w)
+    assert packed.shape == (-(-N // 16), K, 16)
+    for bias in (None, b):
+        got = native.packed_linear(x, packed, bias, N)
+        assert got.shape == (M, N)
+        assert torch.allclose(got, F.linear(x, w, bias), rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="packed for K"):
+        native.packed_linear(torch.randn(3, K + 1), packed, None, N)
+
+
 @pytest.mark.parametrize("case", [{"arch": "llama"}, {"arch": "qwen2", "tie": True}])
 def test_fast_and_plain_kernels_give_the_same_tokens(tmp_path, case):
     path = make_checkpoint(tmp_path, **case)
     outs = {}
-    for kernels in ("auto", "torch"):
+    for kernels in ("auto", "onednn", "torch"):
         llm = LLM(str(path), kernels=kernels, **ENGINE_ARGS)
-        assert (llm.engine.loaded.kernels == "onednn") == (kernels == "auto")
-        assert llm.engine.runner.native_attention == (kernels == "auto")
+        assert llm.engine.loaded.kernels == {"auto": "native"}.get(kernels, kernels)
+        assert llm.engine.runner.native_attention == (kernels != "torch")
         prompts = mixed_prompts(llm.engine.model_config.vocab_size, seed=2)
         outs[kernels] = [o.outputs[0].token_ids for o in run_batch(llm, prompts, GREEDY)]
         assert llm.engine.scheduler.num_preemptions > 0
-    assert outs["auto"] == outs["torch"]
+    assert outs["auto"] == outs["torch"] == outs["onednn"]
 
 
 def test_kernel_choice_is_checked():
@@ -150,8 +167,14 @@ def test_kernel_choice_is_checked():
         EngineConfig(kernels="mkl")
     with pytest.raises(ValueError, match="onednn cannot run here"):
         resolve_kernels("onednn", torch.device("meta"), torch.float32)
+    with pytest.raises(ValueError, match="native cannot run here"):
+        resolve_kernels("native", torch.device("meta"), torch.float32)
+    assert resolve_kernels("auto", torch.device("cpu"), torch.float32) == "native"
     assert resolve_kernels("auto", torch.device("cpu"), torch.float16) == "torch"
-    assert resolve_kernels("auto", torch.device("cpu"), torch.bfloat16) == "onednn"
+    # bf16: oneDNN's own bf16 GEMM where the CPU has one, else fdpd's float32 GEMM.
+    from fdpd.model.kernels import native_bf16_gemm
+    assert resolve_kernels("auto", torch.device("cpu"), torch.bfloat16) == (
+        "onednn" if native_bf16_gemm() else "native")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
