@@ -33,16 +33,18 @@ def test_native_kernels_build_here():
 
 
 @pytest.mark.parametrize("q_heads,kv_heads,head_dim,block_size", [
-    (4, 2, 64, 16), (8, 1, 32, 8), (2, 2, 128, 16), (6, 3, 16, 4)])
+    (4, 2, 64, 16), (8, 1, 32, 8), (2, 2, 128, 16), (6, 3, 16, 4), (4, 2, 12, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [7, 1])     # 1: one task per KV head instead of per request
 def test_paged_decode_attention_equals_gathered_sdpa(q_heads, kv_heads, head_dim, block_size,
-                                                     dtype):
+                                                     dtype, batch):
     torch.manual_seed(0)
-    blocks, layers, batch, width = 64, 3, 7, 9
+    blocks, layers, width = 64, 3, 9
     cache = torch.randn(blocks, layers, 2, block_size, kv_heads, head_dim).to(dtype)
     layer = cache[:, 1]                                   # strided, as the runner passes it
     table = torch.stack([torch.randperm(blocks)[:width] for _ in range(batch)])
-    lens = torch.tensor([1, 2, block_size, block_size + 1, width * block_size, 17, 30])
+    lens = torch.tensor([1, 2, block_size, block_size + 1, width * block_size, 17, 30])[
+        :batch] if batch > 1 else torch.tensor([width * block_size - 3])
     q = torch.randn(batch, q_heads, head_dim).to(dtype)
     scale = head_dim ** -0.5
     keys = layer[:, 0].index_select(0, table.flatten()).view(batch, -1, kv_heads, head_dim)

@@ -75,11 +75,81 @@ inline void axpy(float a, const T* __restrict v, float* __restrict acc, int64_t 
 // blocks are scattered: the hardware prefetchers did not follow, and the kernel waited on DRAM
 // for every row (5 GB/s against 17 for a plain stream). Rows are fetched kAhead keys early.
 constexpr int64_t kAhead = 8;
+constexpr int64_t kValueTile = 16;      // keys whose values are summed with acc in registers
 
 inline void prefetch(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
 }
+
+#ifdef __AVX2__
+// Scores of keys t0 .. t0 + 8 for the task's nq query heads (query head j reads KV head
+// j / group, at offset (j / group) * s_head of each key row): per head, eight FMA chains (one per
+// key) over head_dim, then one transpose-and-add turns the eight into a vector of eight scores
+// (instead of a horizontal sum per key). head_dim is a multiple of 8.
+template <typename T>
+inline void scores8(const T* const* k, const float* qf, int64_t nq, int64_t group,
+                    int64_t head_dim, int64_t s_head, float* scores, int64_t len) {
+  for (int64_t j = 0; j < nq; ++j) {
+    const int64_t off = j / group * s_head;
+    const float* qj = qf + j * head_dim;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
+           a7 = a0;
+    for (int64_t d = 0; d < head_dim; d += 8) {
+      const __m256 qv = _mm256_loadu_ps(qj + d);
+      a0 = _mm256_fmadd_ps(qv, load8(k[0] + off + d), a0);
+      a1 = _mm256_fmadd_ps(qv, load8(k[1] + off + d), a1);
+      a2 = _mm256_fmadd_ps(qv, load8(k[2] + off + d), a2);
+      a3 = _mm256_fmadd_ps(qv, load8(k[3] + off + d), a3);
+      a4 = _mm256_fmadd_ps(qv, load8(k[4] + off + d), a4);
+      a5 = _mm256_fmadd_ps(qv, load8(k[5] + off + d), a5);
+      a6 = _mm256_fmadd_ps(qv, load8(k[6] + off + d), a6);
+      a7 = _mm256_fmadd_ps(qv, load8(k[7] + off + d), a7);
+    }
+    const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+    _mm256_storeu_ps(scores + j * len,
+                     _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                                   _mm256_permute2f128_ps(s0123, s4567, 0x31)));
+  }
+}
+
+// acc[j] += sum over the n keys of p[j][t] * v[t] for the task's query heads, 32 columns at a
+// time held in registers across the keys (instead of a load and store of acc per key).
+template <typename T>
+inline void accumulate_values(const T* const* v, int64_t n, const float* probs, int64_t len,
+                              int64_t nq, int64_t group, int64_t head_dim, int64_t s_head,
+                              float* acc) {
+  for (int64_t j = 0; j < nq; ++j) {
+    const int64_t off = j / group * s_head;
+    const float* p = probs + j * len;
+    float* out = acc + j * head_dim;
+    int64_t d = 0;
+    for (; d + 32 <= head_dim; d += 32) {
+      __m256 c0 = _mm256_loadu_ps(out + d), c1 = _mm256_loadu_ps(out + d + 8);
+      __m256 c2 = _mm256_loadu_ps(out + d + 16), c3 = _mm256_loadu_ps(out + d + 24);
+      for (int64_t t = 0; t < n; ++t) {
+        const __m256 pt = _mm256_set1_ps(p[t]);
+        const T* row = v[t] + off + d;
+        c0 = _mm256_fmadd_ps(pt, load8(row), c0);
+        c1 = _mm256_fmadd_ps(pt, load8(row + 8), c1);
+        c2 = _mm256_fmadd_ps(pt, load8(row + 16), c2);
+        c3 = _mm256_fmadd_ps(pt, load8(row + 24), c3);
+      }
+      _mm256_storeu_ps(out + d, c0);
+      _mm256_storeu_ps(out + d + 8, c1);
+      _mm256_storeu_ps(out + d + 16, c2);
+      _mm256_storeu_ps(out + d + 24, c3);
+    }
+    for (; d < head_dim; d += 8) {
+      __m256 c0 = _mm256_loadu_ps(out + d);
+      for (int64_t t = 0; t < n; ++t)
+        c0 = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), load8(v[t] + off + d), c0);
+      _mm256_storeu_ps(out + d, c0);
+    }
+  }
+}
+#endif
 
 // s[0..n) = softmax(s), in place.
 inline void softmax(float* s, int64_t len) {
@@ -113,6 +183,8 @@ void decode_kernel(const Q* q, const T* cache, const int64_t* table, const int64
   // each block's keys in one piece), else one head per task.
   const int64_t heads = batch >= 2 * at::get_num_threads() ? kv_heads : 1;
   const int64_t nq = heads * group;                  // query heads per task
+  const bool vector_rows = head_dim % 8 == 0;        // the AVX2 paths; else dot / axpy
+  (void)vector_rows;                                 // (unused without AVX2)
   const int64_t span_bytes = ((heads - 1) * s_head + head_dim) * static_cast<int64_t>(sizeof(T));
   at::parallel_for(0, batch * (kv_heads / heads), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(nq * head_dim), acc(nq * head_dim), scores;
@@ -127,17 +199,40 @@ void decode_kernel(const Q* q, const T* cache, const int64_t* table, const int64
       const auto row = [&](int64_t t) {
         return cache + blocks[t / block_size] * s_block + (t % block_size) * s_tok + h0 * s_head;
       };
-      // Keys: one pass, every query head of the task at once.
-      for (int64_t t = 0; t < len; ++t) {
+      // Keys: one pass, every query head of the task at once; eight keys at a time.
+      int64_t t = 0;
+#ifdef __AVX2__
+      for (; vector_rows && t + 8 <= len; t += 8) {
+        const T* k[8];
+        for (int64_t i = 0; i < 8; ++i) {
+          if (t + i + kAhead < len) prefetch(row(t + i + kAhead), span_bytes);
+          k[i] = row(t + i);
+        }
+        scores8(k, qf.data(), nq, group, head_dim, s_head, scores.data() + t, len);
+      }
+#endif
+      for (; t < len; ++t) {
         if (t + kAhead < len) prefetch(row(t + kAhead), span_bytes);
         const T* k = row(t);
         for (int64_t j = 0; j < nq; ++j)
           scores[j * len + t] = dot(qf.data() + j * head_dim, k + j / group * s_head, head_dim);
       }
       for (int64_t j = 0; j < nq; ++j) softmax(scores.data() + j * len, len);
-      // Values: one pass.
+      // Values: one pass, a block's worth of keys at a time.
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < len; ++t) {
+      t = 0;
+#ifdef __AVX2__
+      for (; vector_rows && t < len; t += kValueTile) {
+        const int64_t n = std::min(kValueTile, len - t);
+        const T* v[kValueTile];
+        for (int64_t i = 0; i < n; ++i) {
+          if (t + i + kAhead < len) prefetch(row(t + i + kAhead) + s_kv, span_bytes);
+          v[i] = row(t + i) + s_kv;
+        }
+        accumulate_values(v, n, scores.data() + t, len, nq, group, head_dim, s_head, acc.data());
+      }
+#endif
+      for (; t < len; ++t) {
         if (t + kAhead < len) prefetch(row(t + kAhead) + s_kv, span_bytes);
         const T* v = row(t) + s_kv;
         for (int64_t j = 0; j < nq; ++j)
