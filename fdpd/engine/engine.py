@@ -115,7 +115,8 @@ class Engine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len, policy=config.resolved_policy("mixed"),
             preemption=preemption)
-        self.sampler = Sampler(mc.vocab_size, self.device)
+        self.sampler = Sampler(mc.vocab_size, self.device,
+                               native_kernels=config.kernels != "torch")
         self._seeds = random.Random(config.seed)
         self.eos_token_ids = self._eos_token_ids()
 

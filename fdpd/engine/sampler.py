@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fdpd.model import native
 from fdpd.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -90,11 +91,14 @@ class SamplerOutput:
 class Sampler:
     """Turns a batch of logits ``[B, V]`` into one token per row (see the module docstring)."""
 
-    def __init__(self, vocab_size: int, device: torch.device | str = "cpu"):
+    def __init__(self, vocab_size: int, device: torch.device | str = "cpu",
+                 native_kernels: bool = True):
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
             raise ValueError(f"vocab_size: must be a positive integer, got {vocab_size!r}")
         self.vocab_size = vocab_size
         self.device = torch.device(device)
+        # The greedy pick as fdpd.model.native's kernel, unless the plain path is asked for.
+        self._native = native_kernels and native.available(self.device)
 
     def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         logits = self._check_logits(logits, rows)
@@ -111,9 +115,10 @@ class Sampler:
         processed = self.process_logits(logits, rows) if any_processing else logits
         # Greedy rows, and the fallback of random rows whose distribution is unusable. NaN logits
         # (a model bug) win torch.max, which still yields a valid token id. max(dim) gives the
-        # first maximal index like argmax, ~25% faster on CPU (a [32, 32000] row block: 1.4 vs
-        # 1.9 ms, once per step).
-        chosen = processed.max(dim=-1).indices
+        # first maximal index like argmax; the native kernel gives the same index, ~15x faster
+        # on CPU (a [32, 32000] row block: ~0.1 vs 1.6 ms, once per step).
+        chosen = (native.greedy_pick(processed) if self._native
+                  else processed.max(dim=-1).indices)
         if random:
             index = torch.tensor(random, device=self.device)
             chosen[index] = self._sample_random(processed, [rows[i] for i in random], index,

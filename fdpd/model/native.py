@@ -6,7 +6,8 @@ straight through the block table, instead of gathering the context into a dense 
 a step in one call (flash-style tiles, causal over the chunk and its cached prefix);
 ``rope_and_write_kv`` and ``silu_and_mul`` (csrc/fused_ops.cpp) do a layer's elementwise steps
 in one pass each; ``packed_linear`` (csrc/packed_linear.cpp) is the linear layers' float32 GEMM
-on weights packed once (``fdpd.model.kernels.NativeLinear``).
+on weights packed once (``fdpd.model.kernels.NativeLinear``); ``greedy_pick`` (csrc/greedy.cpp)
+the sampler's argmax.
 It is built with ``torch.utils.cpp_extension`` (gcc + ninja) into torch's extension cache
 (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), once per machine: the first
 process pays the compile (a minute on a 2-core VM), later ones load the cached library.
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = {CSRC / "paged_attention.cpp", CSRC / "prefill_attention.cpp", CSRC / "fused_ops.cpp",
-           CSRC / "packed_linear.cpp"}
+           CSRC / "packed_linear.cpp", CSRC / "greedy.cpp"}
 HEADERS = {CSRC / "vec.h"}
 
 
@@ -127,6 +128,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * x / sqrt(mean(x^2) + eps)`` over the last dim (``x`` contiguous)."""
     out = torch.empty_like(x)
     torch.ops.fdpd.rms_norm(out, x, weight, eps)
+    return out
+
+
+def greedy_pick(logits: torch.Tensor) -> torch.Tensor:
+    """The first index of each row's maximum (NaN counts as the maximum), as
+    ``logits.max(dim=-1).indices``, for float32 ``logits[R, V]``."""
+    out = torch.empty(logits.shape[0], dtype=torch.long)
+    torch.ops.fdpd.greedy_pick(out, logits.contiguous())
     return out
 
 

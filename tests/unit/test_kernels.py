@@ -206,6 +206,20 @@ def test_fused_rope_and_kv_write_equal_the_torch_steps(dtype):
     assert caches[0][:, [0, 2]].abs().sum() == 0        # other layers untouched
 
 
+def test_greedy_pick_equals_torch_max():
+    # First index of the max (ties), NaN wins at its first position, -inf rows, a ragged tail.
+    torch.manual_seed(0)
+    x = torch.randn(6, 1003)
+    x[1, [7, 500, 1002]] = 50.0                         # a tie: the first one
+    x[2, [900, 30]] = float("nan")                      # NaN wins, the first NaN
+    x[3] = -torch.inf
+    x[4, 1001] = 1e30                                   # in the scalar tail
+    x[5, 0] = float("nan")
+    want = x.max(dim=-1).indices
+    assert native.greedy_pick(x).tolist() == want.tolist() == [
+        want[0].item(), 7, 30, 0, 1001, 0]
+
+
 def test_fused_silu_and_mul_equals_torch():
     torch.manual_seed(0)
     gate_up = torch.randn(7, 2 * 100) * 6
