@@ -297,7 +297,8 @@ class _LazyBenchGroup(click.Group):
     _COMMANDS = {"engine": "fdpd.bench.engine", "transfer": "fdpd.bench.transfer",
                  "restore": "fdpd.bench.restore", "serve": "fdpd.bench.serve",
                  "compare": "fdpd.bench.compare", "slo-table": "fdpd.bench.slo_table",
-                 "overload": "fdpd.bench.overload", "exposed-transfer": "fdpd.bench.exposed"}
+                 "overload": "fdpd.bench.overload", "exposed-transfer": "fdpd.bench.exposed",
+                 "kernels": "fdpd.bench.kernels"}
 
     def list_commands(self, ctx):
         return sorted(self._COMMANDS)

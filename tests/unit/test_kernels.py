@@ -244,3 +244,21 @@ def test_fused_rms_norm_equals_the_module(dtype):
         got, want = norm(x, fused=True), norm(x)
     assert got.dtype == dtype
     assert (got.float() - want.float()).abs().max() <= (1e-5 if dtype == torch.float32 else 0.05)
+
+
+def test_bench_kernels_reports_every_kernel_side_by_side():
+    from click.testing import CliRunner
+
+    from fdpd.cli import main
+
+    result = CliRunner().invoke(main, [
+        "bench", "kernels", "--hidden", "64", "--intermediate", "96", "--layers", "2",
+        "--vocab", "500", "--chunk", "40", "--batch", "3", "--context", "50", "--repeat", "1"])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("| ") and "x** |"
+            in line]
+    labels = [r.split("|")[1].strip() for r in rows]
+    assert [label.split(",")[0].split(" (")[0] for label in labels] == [
+        "2 layers' linears", "2 layers' linears", "LM head 3 x 64 -> 500", "prefill attention",
+        "prefill attention", "decode attention", "greedy pick"]
+    assert all(float(r.split("**")[1].rstrip("x")) > 0 for r in rows)
