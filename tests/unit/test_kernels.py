@@ -110,12 +110,25 @@ def test_paged_prefill_attention_equals_masked_sdpa(q_heads, kv_heads, head_dim,
     assert torch.isfinite(out).all()
 
 
-def test_paged_prefill_attention_rejects_a_span_past_its_blocks():
+def test_attention_kernels_reject_tables_that_would_read_outside_the_cache():
+    # An error, never a read past the cache: spans or lengths past their blocks, block ids
+    # outside the cache.
     layer = torch.zeros(4, 2, 16, 1, 8)
     q = torch.zeros(20, 1, 8)
     with pytest.raises(RuntimeError, match="does not fit"):
         native.paged_prefill_attention(torch.empty_like(q), q, layer,
                                        torch.tensor([[0, 20, 0]]), torch.tensor([[1]]), 1.0)
+    with pytest.raises(RuntimeError, match="outside the cache's 4 blocks"):
+        native.paged_prefill_attention(torch.empty_like(q), q, layer,
+                                       torch.tensor([[0, 20, 0]]), torch.tensor([[1, 4]]), 1.0)
+    qd = torch.zeros(2, 1, 8)
+    with pytest.raises(RuntimeError, match="has 33 tokens"):
+        native.paged_decode_attention(torch.empty_like(qd), qd, layer,
+                                      torch.tensor([[0, 1], [2, 3]]), torch.tensor([5, 33]), 1.0)
+    with pytest.raises(RuntimeError, match="block id -1 outside"):
+        native.paged_decode_attention(torch.empty_like(qd), qd, layer,
+                                      torch.tensor([[0, 1], [2, -1]]), torch.tensor([5, 20]),
+                                      1.0)
 
 
 @pytest.mark.parametrize("module", [PackedLinear, NativeLinear])

@@ -4,17 +4,20 @@
 // Why: the plain-torch path gathers every request's blocks into a dense [B, L, H, D] copy
 // (index_select) before scaled_dot_product_attention. Decode attention is memory bound, and the
 // gather reads and writes the whole context again: on this CPU it was ~45% of the attention
-// time and attention ~25% of a mixed-length step. Here each (request, KV head) pair is one task:
-// scores for the whole query-head group in one pass over the keys, a float32 softmax, then one
-// pass over the values. Numerics: float32 accumulation whatever the cache dtype (as SDPA).
+// time and attention ~25% of a mixed-length step. Here each request (or, with few requests and
+// several threads, each (request, KV head) pair) is one task: scores for all its query heads in
+// one pass over the keys (rows prefetched ahead, eight keys per vector reduction), a float32
+// softmax, then one pass over the values (a block's worth of keys per register-held
+// accumulator). Numerics: float32 accumulation whatever the cache dtype (as SDPA).
 //
-// Layout contract (checked in Python, fdpd/model/native.py): the layer view is
+// Layout contract (checked below): the layer view is
 // [num_blocks, 2, block_size, kv_heads, head_dim] with a unit stride on head_dim; q and out are
 // contiguous [B, q_heads, head_dim]; block_table is int64 [B, W]; seq_lens int64 [B] with
 // 1 <= seq_lens[b] <= W * block_size.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "block_table.h"
 #include "vec.h"
 
 #include <algorithm>
@@ -172,6 +175,68 @@ inline void softmax(float* s, int64_t len) {
   for (t = 0; t < len; ++t) s[t] *= inv;
 }
 
+// One task's view of the cache: token t's rows of its KV heads (query head j of the task reads
+// KV head j / group of them, at offset (j / group) * s_head), and what the passes share.
+template <typename T>
+struct TaskRows {
+  const T* cache;
+  const int64_t* blocks;
+  int64_t block_size, s_block, s_kv, s_tok, s_head, first_head;
+  int64_t nq, group, head_dim, span_bytes;   // query heads of the task; bytes of a token's rows
+  bool vector_rows;                          // head_dim % 8 == 0: the AVX2 paths
+  const T* key(int64_t t) const {
+    return cache + blocks[t / block_size] * s_block + (t % block_size) * s_tok +
+           first_head * s_head;
+  }
+  const T* value(int64_t t) const { return key(t) + s_kv; }
+};
+
+// scores[j * len + t] = qf[j] . key t, for t < len: one pass over the keys, eight at a time.
+template <typename T>
+void score_keys(const TaskRows<T>& r, int64_t len, const float* qf, float* scores) {
+  int64_t t = 0;
+#ifdef __AVX2__
+  for (; r.vector_rows && t + 8 <= len; t += 8) {
+    const T* k[8];
+    for (int64_t i = 0; i < 8; ++i) {
+      if (t + i + kAhead < len) prefetch(r.key(t + i + kAhead), r.span_bytes);
+      k[i] = r.key(t + i);
+    }
+    scores8(k, qf, r.nq, r.group, r.head_dim, r.s_head, scores + t, len);
+  }
+#endif
+  for (; t < len; ++t) {
+    if (t + kAhead < len) prefetch(r.key(t + kAhead), r.span_bytes);
+    for (int64_t j = 0; j < r.nq; ++j)
+      scores[j * len + t] = dot(qf + j * r.head_dim, r.key(t) + j / r.group * r.s_head,
+                                r.head_dim);
+  }
+}
+
+// acc[j] = sum over t < len of probs[j * len + t] * value t: one pass, a block's worth at a time.
+template <typename T>
+void sum_values(const TaskRows<T>& r, int64_t len, const float* probs, float* acc) {
+  std::fill(acc, acc + r.nq * r.head_dim, 0.f);
+  int64_t t = 0;
+#ifdef __AVX2__
+  for (; r.vector_rows && t < len; t += kValueTile) {
+    const int64_t n = std::min(kValueTile, len - t);
+    const T* v[kValueTile];
+    for (int64_t i = 0; i < n; ++i) {
+      if (t + i + kAhead < len) prefetch(r.value(t + i + kAhead), r.span_bytes);
+      v[i] = r.value(t + i);
+    }
+    accumulate_values(v, n, probs + t, len, r.nq, r.group, r.head_dim, r.s_head, acc);
+  }
+#endif
+  for (; t < len; ++t) {
+    if (t + kAhead < len) prefetch(r.value(t + kAhead), r.span_bytes);
+    for (int64_t j = 0; j < r.nq; ++j)
+      axpy(probs[j * len + t], r.value(t) + j / r.group * r.s_head, acc + j * r.head_dim,
+           r.head_dim);
+  }
+}
+
 template <typename T, typename Q>
 void decode_kernel(const Q* q, const T* cache, const int64_t* table, const int64_t* lens,
                    Q* out, int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t head_dim,
@@ -182,62 +247,20 @@ void decode_kernel(const Q* q, const T* cache, const int64_t* table, const int64
   // enough for every thread (a token's rows of all heads are contiguous, so the task streams
   // each block's keys in one piece), else one head per task.
   const int64_t heads = batch >= 2 * at::get_num_threads() ? kv_heads : 1;
-  const int64_t nq = heads * group;                  // query heads per task
-  const bool vector_rows = head_dim % 8 == 0;        // the AVX2 paths; else dot / axpy
-  (void)vector_rows;                                 // (unused without AVX2)
+  const int64_t nq = heads * group, runs = kv_heads / heads;
   const int64_t span_bytes = ((heads - 1) * s_head + head_dim) * static_cast<int64_t>(sizeof(T));
-  at::parallel_for(0, batch * (kv_heads / heads), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch * runs, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(nq * head_dim), acc(nq * head_dim), scores;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (kv_heads / heads), h0 = task % (kv_heads / heads) * heads;
-      const int64_t len = lens[b];
-      const int64_t* blocks = table + b * width;
+      const int64_t b = task / runs, h0 = task % runs * heads, len = lens[b];
+      const TaskRows<T> rows{cache, table + b * width, block_size, s_block, s_kv, s_tok, s_head,
+                             h0, nq, group, head_dim, span_bytes, head_dim % 8 == 0};
       const Q* qb = q + (b * q_heads + h0 * group) * head_dim;   // the task's query heads
       for (int64_t i = 0; i < nq * head_dim; ++i) qf[i] = to_float(qb[i]) * scale;
       if (static_cast<int64_t>(scores.size()) < nq * len) scores.resize(nq * len);
-      // Token t's rows of the task's heads (query head j reads KV head h0 + j / group).
-      const auto row = [&](int64_t t) {
-        return cache + blocks[t / block_size] * s_block + (t % block_size) * s_tok + h0 * s_head;
-      };
-      // Keys: one pass, every query head of the task at once; eight keys at a time.
-      int64_t t = 0;
-#ifdef __AVX2__
-      for (; vector_rows && t + 8 <= len; t += 8) {
-        const T* k[8];
-        for (int64_t i = 0; i < 8; ++i) {
-          if (t + i + kAhead < len) prefetch(row(t + i + kAhead), span_bytes);
-          k[i] = row(t + i);
-        }
-        scores8(k, qf.data(), nq, group, head_dim, s_head, scores.data() + t, len);
-      }
-#endif
-      for (; t < len; ++t) {
-        if (t + kAhead < len) prefetch(row(t + kAhead), span_bytes);
-        const T* k = row(t);
-        for (int64_t j = 0; j < nq; ++j)
-          scores[j * len + t] = dot(qf.data() + j * head_dim, k + j / group * s_head, head_dim);
-      }
+      score_keys(rows, len, qf.data(), scores.data());
       for (int64_t j = 0; j < nq; ++j) softmax(scores.data() + j * len, len);
-      // Values: one pass, a block's worth of keys at a time.
-      std::fill(acc.begin(), acc.end(), 0.f);
-      t = 0;
-#ifdef __AVX2__
-      for (; vector_rows && t < len; t += kValueTile) {
-        const int64_t n = std::min(kValueTile, len - t);
-        const T* v[kValueTile];
-        for (int64_t i = 0; i < n; ++i) {
-          if (t + i + kAhead < len) prefetch(row(t + i + kAhead) + s_kv, span_bytes);
-          v[i] = row(t + i) + s_kv;
-        }
-        accumulate_values(v, n, scores.data() + t, len, nq, group, head_dim, s_head, acc.data());
-      }
-#endif
-      for (; t < len; ++t) {
-        if (t + kAhead < len) prefetch(row(t + kAhead) + s_kv, span_bytes);
-        const T* v = row(t) + s_kv;
-        for (int64_t j = 0; j < nq; ++j)
-          axpy(scores[j * len + t], v + j / group * s_head, acc.data() + j * head_dim, head_dim);
-      }
+      sum_values(rows, len, scores.data(), acc.data());
       Q* ob = out + (b * q_heads + h0 * group) * head_dim;
       for (int64_t i = 0; i < nq * head_dim; ++i) ob[i] = static_cast<Q>(acc[i]);
     }
@@ -254,6 +277,14 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor la
               q_heads % kv_heads == 0 && block_table.scalar_type() == at::kLong &&
               seq_lens.scalar_type() == at::kLong && block_table.is_contiguous(),
               "paged_decode_attention: layout contract violated (see the file's header)");
+  TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == batch && seq_lens.numel() == batch,
+              "paged_decode_attention: one block table row and one length per request");
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b)
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= block_table.size(1) * block_size,
+                "paged_decode_attention: request ", b, " has ", lens[b],
+                " tokens, its blocks hold 1..", block_table.size(1) * block_size);
+  fdpd::check_block_ids(block_table, layer_cache.size(0), "paged_decode_attention");
   auto run = [&](auto tag) {
     using T = decltype(tag);
     decode_kernel<T, T>(

@@ -31,6 +31,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "block_table.h"
 #include "vec.h"
 
 #include <algorithm>
@@ -345,6 +346,7 @@ void paged_prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor l
                 sp[s * 3] + sp[s * 3 + 1] <= q.size(0) &&
                 sp[s * 3 + 2] + sp[s * 3 + 1] <= g.width * block_size,
                 "paged_prefill_attention: span ", s, " does not fit the batch or its blocks");
+  fdpd::check_block_ids(block_table, layer_cache.size(0), "paged_prefill_attention");
   auto run = [&](auto tag) {
     using T = decltype(tag);
     prefill_kernel<T>(q.data_ptr<T>(), layer_cache.data_ptr<T>(), sp, spans.size(0),
