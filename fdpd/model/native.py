@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = {CSRC / "paged_attention.cpp", CSRC / "prefill_attention.cpp", CSRC / "fused_ops.cpp",
            CSRC / "packed_linear.cpp", CSRC / "greedy.cpp"}
-HEADERS = {CSRC / "vec.h", CSRC / "block_table.h"}
+HEADERS = {CSRC / "vec.h", CSRC / "block_table.h", CSRC / "dtypes.h", CSRC / "micro_kernel.h"}
 
 
 @functools.cache

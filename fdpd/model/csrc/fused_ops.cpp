@@ -14,9 +14,12 @@
 
 #include <cmath>
 
+#include "dtypes.h"
 #include "vec.h"
 
 namespace {
+
+using fdpd::dispatch;
 
 template <typename T>
 void rope_kernel(const T* qkv, const int64_t* positions, const float* cos, const float* sin,
@@ -114,16 +117,6 @@ void rms_norm_kernel(const T* x, const T* weight, T* out, int64_t rows, int64_t 
                               static_cast<float>(static_cast<T>(static_cast<float>(xr[i]) * inv)));
     }
   });
-}
-
-template <typename F>
-void dispatch(at::ScalarType dtype, const char* name, F&& run) {
-  switch (dtype) {
-    case at::kFloat: run(float{}); break;
-    case at::kBFloat16: run(c10::BFloat16{}); break;
-    case at::kHalf: run(c10::Half{}); break;
-    default: TORCH_CHECK(false, name, ": unsupported dtype ", dtype);
-  }
 }
 
 void rope_and_write_kv(torch::Tensor q_out, torch::Tensor k_out, torch::Tensor qkv,

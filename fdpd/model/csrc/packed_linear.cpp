@@ -4,7 +4,8 @@
 // Why not oneDNN: in a decoder step every layer's weights arrive cold (the model is larger than
 // the caches), and oneDNN's packed fp32 GEMM on this AVX2 CPU ran at ~50 GFLOP/s for a decode
 // step (M = 32) and ~70 for a 512-token prefill chunk, against ~85-90 with the weights hot. This
-// GEMM is the textbook blocked one (GotoBLAS's loop order) with the weight stream in mind:
+// GEMM is the textbook blocked one (GotoBLAS's loop order) with the weight stream in mind, on
+// the micro-kernel of micro_kernel.h:
 //
 //   for each block of up to kBlockRows rows of x          (x block packed 6 rows per k: L2)
 //     for each 16-column panel of W (parallel)              (the panel, K x 64 B, streams once
@@ -17,85 +18,31 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include "vec.h"
+#include "micro_kernel.h"
 
 #include <algorithm>
 #include <vector>
 
 namespace {
 
-constexpr int64_t kRows = 6;          // micro-kernel rows
+constexpr int64_t kRows = fdpd::kMicroRows;
 constexpr int64_t kCols = 16;         // panel width: two 8-float vectors
 constexpr int64_t kBlockRows = 96;    // rows of x packed at once (K = 1536: 576 KiB, in L2)
 
-// C[rows x 16] = A strip (k-major, 6 floats per k) . B panel (16 floats per k) (+ bias).
-// Rows past `rows` are computed on the strip's zero padding and not stored.
+// C[live x 16] = A strip (k-major, 6 floats per k) . B panel (16 floats per k) (+ bias), the
+// next panel prefetched when given. Rows past `live` are padding of the strip: not computed.
 template <int kLive>
-inline void micro_kernel(const float* __restrict a, const float* __restrict b, int64_t K,
-                         float* __restrict c, int64_t ldc, const float* bias,
-                         const float* prefetch) {
-#ifdef __AVX2__
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  for (int64_t k = 0; k < K; ++k, a += kRows, b += kCols) {
-    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-    if (prefetch != nullptr) __builtin_prefetch(prefetch + k * kCols, 0, 3);
-    __m256 x = _mm256_broadcast_ss(a);
-    c00 = _mm256_fmadd_ps(x, b0, c00);
-    c01 = _mm256_fmadd_ps(x, b1, c01);
-    if (kLive > 1) {
-      x = _mm256_broadcast_ss(a + 1);
-      c10 = _mm256_fmadd_ps(x, b0, c10);
-      c11 = _mm256_fmadd_ps(x, b1, c11);
-    }
-    if (kLive > 2) {
-      x = _mm256_broadcast_ss(a + 2);
-      c20 = _mm256_fmadd_ps(x, b0, c20);
-      c21 = _mm256_fmadd_ps(x, b1, c21);
-    }
-    if (kLive > 3) {
-      x = _mm256_broadcast_ss(a + 3);
-      c30 = _mm256_fmadd_ps(x, b0, c30);
-      c31 = _mm256_fmadd_ps(x, b1, c31);
-    }
-    if (kLive > 4) {
-      x = _mm256_broadcast_ss(a + 4);
-      c40 = _mm256_fmadd_ps(x, b0, c40);
-      c41 = _mm256_fmadd_ps(x, b1, c41);
-    }
-    if (kLive > 5) {
-      x = _mm256_broadcast_ss(a + 5);
-      c50 = _mm256_fmadd_ps(x, b0, c50);
-      c51 = _mm256_fmadd_ps(x, b1, c51);
-    }
-  }
-  const __m256 z0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
-  const __m256 z1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
-  const auto store = [&](int64_t i, __m256 lo, __m256 hi) {
-    _mm256_storeu_ps(c + i * ldc, _mm256_add_ps(lo, z0));
-    _mm256_storeu_ps(c + i * ldc + 8, _mm256_add_ps(hi, z1));
-  };
-  store(0, c00, c01);
-  if (kLive > 1) store(1, c10, c11);
-  if (kLive > 2) store(2, c20, c21);
-  if (kLive > 3) store(3, c30, c31);
-  if (kLive > 4) store(4, c40, c41);
-  if (kLive > 5) store(5, c50, c51);
-#else
-  for (int64_t i = 0; i < kLive; ++i)
-    for (int64_t j = 0; j < kCols; ++j) {
-      float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) s += a[k * kRows + i] * b[k * kCols + j];
-      c[i * ldc + j] = s + (bias ? bias[j] : 0.f);
-    }
-#endif
+void strip_kernel(const float* a, const float* b, int64_t K, float* c, int64_t ldc,
+                  const float* bias, const float* prefetch) {
+  fdpd::micro_kernel<kCols, false, kLive>(fdpd::Transposed{a, kRows}, fdpd::Strided{b, kCols},
+                                          c, ldc, K, bias, prefetch);
 }
 
 using MicroKernel = void (*)(const float*, const float*, int64_t, float*, int64_t, const float*,
                              const float*);
-constexpr MicroKernel kByRows[kRows + 1] = {nullptr,          micro_kernel<1>, micro_kernel<2>,
-                                            micro_kernel<3>, micro_kernel<4>, micro_kernel<5>,
-                                            micro_kernel<6>};
+constexpr MicroKernel kByRows[kRows + 1] = {nullptr,         strip_kernel<1>, strip_kernel<2>,
+                                            strip_kernel<3>, strip_kernel<4>, strip_kernel<5>,
+                                            strip_kernel<6>};
 
 // x rows [m0, m0 + rows) into strips of 6, k-major: strip s holds x[m0 + 6s + i][k] at
 // (s * K + k) * 6 + i, zero past the last row.

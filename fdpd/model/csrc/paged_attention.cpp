@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 
 #include "block_table.h"
+#include "dtypes.h"
 #include "vec.h"
 
 #include <algorithm>
@@ -27,8 +28,7 @@
 
 namespace {
 
-template <typename T>
-inline float to_float(T x) { return static_cast<float>(x); }
+using fdpd::to_float;
 
 #ifdef __AVX2__
 // 8 elements of a key/value row as float32 lanes.
@@ -285,21 +285,14 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor la
                 "paged_decode_attention: request ", b, " has ", lens[b],
                 " tokens, its blocks hold 1..", block_table.size(1) * block_size);
   fdpd::check_block_ids(block_table, layer_cache.size(0), "paged_decode_attention");
-  auto run = [&](auto tag) {
+  fdpd::dispatch(layer_cache.scalar_type(), "paged_decode_attention", [&](auto tag) {
     using T = decltype(tag);
     decode_kernel<T, T>(
         q.data_ptr<T>(), layer_cache.data_ptr<T>(), block_table.data_ptr<int64_t>(),
         seq_lens.data_ptr<int64_t>(), out.data_ptr<T>(), batch, q_heads, kv_heads, head_dim,
         block_size, block_table.size(1), layer_cache.stride(0), layer_cache.stride(1),
         layer_cache.stride(2), layer_cache.stride(3), static_cast<float>(scale));
-  };
-  switch (layer_cache.scalar_type()) {
-    case at::kFloat: run(float{}); break;
-    case at::kBFloat16: run(c10::BFloat16{}); break;
-    case at::kHalf: run(c10::Half{}); break;
-    default: TORCH_CHECK(false, "paged_decode_attention: unsupported dtype ",
-                         layer_cache.scalar_type());
-  }
+  });
 }
 
 }  // namespace

@@ -18,8 +18,9 @@
 //       O += P V      (V's rows read in place too)
 //     out = O / sum
 //
-// Both products run one 6 x 16 micro-kernel (12 accumulators, AVX2 FMA) whose operands are
-// addressed through small accessors: rows by pointer (keys, values), or transposed (P = S^T).
+// Both products run the 6 x 16 micro-kernel of micro_kernel.h (12 accumulators, AVX2 FMA),
+// its operands addressed through accessors: rows by pointer (keys, values), or transposed
+// (P = S^T).
 // A bf16/fp16 cache, or a head_dim that is not a multiple of 8, packs each key tile into float32
 // rows first. Numerics: float32 accumulation and softmax whatever the cache dtype (as SDPA on
 // CPU); every query sees at least itself, so no row is ever empty and the mask cannot make NaN.
@@ -32,6 +33,8 @@
 #include <ATen/Parallel.h>
 
 #include "block_table.h"
+#include "dtypes.h"
+#include "micro_kernel.h"
 #include "vec.h"
 
 #include <algorithm>
@@ -41,7 +44,7 @@
 
 namespace {
 
-constexpr int64_t kRows = 6;          // micro-kernel rows
+constexpr int64_t kRows = fdpd::kMicroRows;
 constexpr int64_t kCols = 16;         // micro-kernel columns (two 8-float vectors)
 constexpr int64_t kKeys = 48;         // keys per key tile (a multiple of kRows)
 constexpr int64_t kTileRows = 48;     // query rows per task (tokens x group heads), about
@@ -49,73 +52,11 @@ constexpr int64_t kRowAlign = 24;     // query rows padded to a multiple of 6 (P
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-template <typename T>
-inline float to_float(T x) { return static_cast<float>(x); }
-
-// Operand accessors of the micro-kernel. A: element (i, k), broadcast; B: row k, W floats.
-struct RowsByPointer {                 // A[i][k] = rows[i][k]
-  const float* const* rows;
-  const float* at(int64_t i, int64_t k) const { return rows[i] + k; }
-};
-struct Transposed {                    // A[i][k] = base[k * ld + i]
-  const float* base;
-  int64_t ld;
-  const float* at(int64_t i, int64_t k) const { return base + k * ld + i; }
-};
-struct Strided {                       // B[k] = base + k * ld
-  const float* base;
-  int64_t ld;
-  const float* row(int64_t k) const { return base + k * ld; }
-};
-struct GatheredRows {                  // B[k] = rows[k] + col
-  const float* const* rows;
-  int64_t col;
-  const float* row(int64_t k) const { return rows[k] + col; }
-};
-
-// C[6 x W] (+)= A[6 x K] * B[K x W], W = 16 or 8, C row stride ldc. The 12 accumulators are
-// named variables: held in an array, gcc spilled them to the stack on every k (half the speed).
-template <int64_t W, bool kAccumulate, typename OpA, typename OpB>
-inline void micro_kernel(const OpA& A, const OpB& B, float* __restrict C, int64_t ldc,
-                         int64_t K) {
-  static_assert(W == 16 || W == 8, "micro_kernel: 8 or 16 columns");
-#ifdef __AVX2__
-  constexpr bool kTwo = W == 16;
-#define FDPD_ROW_INIT(i)                                                              \
-  __m256 c##i##0 = kAccumulate ? _mm256_loadu_ps(C + i * ldc) : _mm256_setzero_ps();  \
-  __m256 c##i##1 = kTwo && kAccumulate ? _mm256_loadu_ps(C + i * ldc + 8) : _mm256_setzero_ps();
-#define FDPD_ROW_FMA(i)                                    \
-  {                                                        \
-    const __m256 a = _mm256_broadcast_ss(A.at(i, k));      \
-    c##i##0 = _mm256_fmadd_ps(a, b0, c##i##0);             \
-    if (kTwo) c##i##1 = _mm256_fmadd_ps(a, b1, c##i##1);   \
-  }
-#define FDPD_ROW_STORE(i)                                   \
-  _mm256_storeu_ps(C + i * ldc, c##i##0);                   \
-  if (kTwo) _mm256_storeu_ps(C + i * ldc + 8, c##i##1);
-  FDPD_ROW_INIT(0) FDPD_ROW_INIT(1) FDPD_ROW_INIT(2) FDPD_ROW_INIT(3) FDPD_ROW_INIT(4)
-  FDPD_ROW_INIT(5)
-  for (int64_t k = 0; k < K; ++k) {
-    const float* b = B.row(k);
-    const __m256 b0 = _mm256_loadu_ps(b);
-    const __m256 b1 = kTwo ? _mm256_loadu_ps(b + 8) : b0;
-    FDPD_ROW_FMA(0) FDPD_ROW_FMA(1) FDPD_ROW_FMA(2) FDPD_ROW_FMA(3) FDPD_ROW_FMA(4)
-    FDPD_ROW_FMA(5)
-  }
-  FDPD_ROW_STORE(0) FDPD_ROW_STORE(1) FDPD_ROW_STORE(2) FDPD_ROW_STORE(3) FDPD_ROW_STORE(4)
-  FDPD_ROW_STORE(5)
-#undef FDPD_ROW_INIT
-#undef FDPD_ROW_FMA
-#undef FDPD_ROW_STORE
-#else
-  for (int64_t i = 0; i < kRows; ++i)
-    for (int64_t j = 0; j < W; ++j) {
-      float s = kAccumulate ? C[i * ldc + j] : 0.f;
-      for (int64_t k = 0; k < K; ++k) s += *A.at(i, k) * B.row(k)[j];
-      C[i * ldc + j] = s;
-    }
-#endif
-}
+using fdpd::GatheredRows;
+using fdpd::RowsByPointer;
+using fdpd::Strided;
+using fdpd::to_float;
+using fdpd::Transposed;
 
 // C[M x N] (+)= A[M x K] B[K x N]; M a multiple of 6, N of 8. B's 16-column panel stays in L1
 // while the rows go by.
@@ -124,10 +65,11 @@ void gemm(MakeA make_a, MakeB make_b, float* C, int64_t ldc, int64_t M, int64_t 
   int64_t j = 0;
   for (; j + kCols <= N; j += kCols)
     for (int64_t i = 0; i < M; i += kRows)
-      micro_kernel<kCols, kAccumulate>(make_a(i), make_b(j), C + i * ldc + j, ldc, K);
+      fdpd::micro_kernel<kCols, kAccumulate, kRows>(make_a(i), make_b(j), C + i * ldc + j, ldc,
+                                                    K);
   if (j < N)
     for (int64_t i = 0; i < M; i += kRows)
-      micro_kernel<8, kAccumulate>(make_a(i), make_b(j), C + i * ldc + j, ldc, K);
+      fdpd::micro_kernel<8, kAccumulate, kRows>(make_a(i), make_b(j), C + i * ldc + j, ldc, K);
 }
 
 struct Task { int64_t span, head, first; };   // first: the tile's first new token of the span
@@ -347,19 +289,12 @@ void paged_prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor l
                 sp[s * 3 + 2] + sp[s * 3 + 1] <= g.width * block_size,
                 "paged_prefill_attention: span ", s, " does not fit the batch or its blocks");
   fdpd::check_block_ids(block_table, layer_cache.size(0), "paged_prefill_attention");
-  auto run = [&](auto tag) {
+  fdpd::dispatch(layer_cache.scalar_type(), "paged_prefill_attention", [&](auto tag) {
     using T = decltype(tag);
     prefill_kernel<T>(q.data_ptr<T>(), layer_cache.data_ptr<T>(), sp, spans.size(0),
                       block_table.data_ptr<int64_t>(), out.data_ptr<T>(), g,
                       static_cast<float>(scale));
-  };
-  switch (layer_cache.scalar_type()) {
-    case at::kFloat: run(float{}); break;
-    case at::kBFloat16: run(c10::BFloat16{}); break;
-    case at::kHalf: run(c10::Half{}); break;
-    default: TORCH_CHECK(false, "paged_prefill_attention: unsupported dtype ",
-                         layer_cache.scalar_type());
-  }
+  });
 }
 
 }  // namespace
