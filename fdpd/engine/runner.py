@@ -116,14 +116,18 @@ class ModelRunner:
         cached tokens) and the blocks covering each chunk's context, padded with block 0."""
         if not chunks:
             return None
-        bs = self.block_size
-        widths = [-(-(item.start + len(item.token_ids)) // bs) for _, item in chunks]
-        width = max(widths)
-        table = [list(item.block_ids[:w]) + [0] * (width - w)
-                 for (_, item), w in zip(chunks, widths, strict=True)]
         spans = [(first, len(item.token_ids), item.start) for first, item in chunks]
         return PagedPrefill(torch.tensor(spans, dtype=torch.long, device=self.device),
-                            torch.tensor(table, dtype=torch.long, device=self.device))
+                            self._block_table([item for _, item in chunks]))
+
+    def _block_table(self, items: list[BatchItem]) -> torch.Tensor:
+        """[items, W] int64: the blocks holding each item's context after this step (start +
+        new tokens), padded with block 0 to the longest."""
+        widths = [-(-(item.start + len(item.token_ids)) // self.block_size) for item in items]
+        width = max(widths)
+        rows = [list(item.block_ids[:w]) + [0] * (width - w)
+                for item, w in zip(items, widths, strict=True)]
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
 
     def _decode_groups(self, decodes: list[tuple[int, BatchItem]]) -> list[DecodeGroup]:
         """The native kernel takes every decode of the step at once (nothing is padded). For
@@ -141,18 +145,16 @@ class ModelRunner:
                       native: bool = False) -> DecodeGroup:
         """One batch of decodes: their block tables padded to the longest context, and either
         the context lengths (native kernel) or the visibility mask (padded SDPA)."""
-        bs, dev = self.block_size, self.device
-        lens = [item.start + 1 for _, item in decodes]
-        width = -(-max(lens) // bs)
-        table = [list(item.block_ids[:width]) + [0] * (width - min(width, len(item.block_ids)))
-                 for _, item in decodes]
-        lens_t = torch.tensor(lens, dtype=torch.long, device=dev)
+        dev = self.device
+        lens_t = torch.tensor([item.start + 1 for _, item in decodes], dtype=torch.long,
+                              device=dev)
         index = [first for first, _ in decodes]
         run = ((index[0], index[0] + len(index))
                if index == list(range(index[0], index[0] + len(index))) else None)
         index_t = torch.tensor(index, dtype=torch.long, device=dev)
-        table_t = torch.tensor(table, dtype=torch.long, device=dev)
+        table_t = self._block_table([item for _, item in decodes])
         if native:
             return DecodeGroup(index_t, table_t, None, run, seq_lens=lens_t)
-        mask = torch.arange(width * bs, device=dev)[None, :] < lens_t[:, None]
+        mask = (torch.arange(table_t.shape[1] * self.block_size, device=dev)[None, :]
+                < lens_t[:, None])
         return DecodeGroup(index_t, table_t, mask[:, None, None, :], run)
